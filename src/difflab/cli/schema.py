@@ -1,0 +1,290 @@
+"""Structured-config schemas behind the Hydra config groups.
+
+Each group's YAML options start from one of these dataclasses, so a mistyped key is an
+error at composition ("Key 'lrr' not in 'OptimConfig'"), a wrong type is an error at
+composition, and `validate()` checks value ranges right after composition, naming the
+full key (`sampler.eta`). Only the CLI layer knows these exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent; the message names the key."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}.")
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "difflab.data.ImageDataModule"
+    name: str = "mnist5k"
+    data_dir: str = "data"
+    path: Optional[str] = None
+    image_size: Optional[int] = None
+    channels: Optional[int] = None
+    batch_size: int = 128
+    eval_batch_size: Optional[int] = None
+    val_fraction: float = 0.1
+    hflip: bool = False
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    seed: int = 0
+    download: bool = True
+    drop_last: bool = True
+
+    def validate(self, key: str) -> None:
+        _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
+        _check(0.0 <= self.val_fraction < 1.0, f"{key}.val_fraction", self.val_fraction, "a number in [0, 1)")
+        _check(self.num_workers >= 0, f"{key}.num_workers", self.num_workers, "an integer >= 0")
+        _check(self.channels in (None, 1, 3), f"{key}.channels", self.channels, "null, 1 or 3")
+        _check(self.image_size is None or self.image_size >= 4, f"{key}.image_size", self.image_size,
+               "null (native size) or an integer >= 4")
+
+
+@dataclass
+class UNetConfig:
+    _target_: str = "difflab.models.UNet"
+    in_channels: Optional[int] = None  # null: taken from the data
+    out_channels: Optional[int] = None
+    base_channels: int = 32
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])
+    num_res_blocks: int = 1
+    attention_levels: list[int] = field(default_factory=lambda: [1])
+    mid_attention: bool = True
+    attention_head_dim: int = 32
+    dropout: float = 0.0
+    num_groups: int = 8
+    num_classes: Optional[int] = None
+    image_size: Optional[int] = None  # null: taken from the data
+    time_embed_mult: int = 4
+
+    def validate(self, key: str) -> None:
+        _check(self.base_channels >= 1, f"{key}.base_channels", self.base_channels, "an integer >= 1")
+        _check(len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
+               f"{key}.channel_mults", self.channel_mults, "a non-empty list of integers >= 1")
+        _check(self.num_res_blocks >= 1, f"{key}.num_res_blocks", self.num_res_blocks, "an integer >= 1")
+        levels = range(len(self.channel_mults))
+        _check(all(lv in levels for lv in self.attention_levels), f"{key}.attention_levels",
+               self.attention_levels, f"level indices in 0..{len(self.channel_mults) - 1}")
+        _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass
+class ScheduleConfig:
+    _target_: str = "difflab.diffusion.schedule.NoiseSchedule"
+    kind: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    cosine_s: float = 0.008
+    sigmoid_start: float = -3.0
+    sigmoid_end: float = 3.0
+    sigmoid_tau: float = 1.0
+    max_beta: float = 0.999
+
+    def validate(self, key: str) -> None:
+        _check(self.kind in ("linear", "cosine", "sigmoid"), f"{key}.kind", self.kind, "linear, cosine or sigmoid")
+        _check(self.num_timesteps >= 2, f"{key}.num_timesteps", self.num_timesteps, "an integer >= 2")
+        _check(0.0 < self.beta_start < self.beta_end < 1.0, f"{key}.beta_start/beta_end",
+               (self.beta_start, self.beta_end), "0 < beta_start < beta_end < 1")
+        _check(0.0 < self.max_beta < 1.0, f"{key}.max_beta", self.max_beta, "a number in (0, 1)")
+        _check(self.sigmoid_start < self.sigmoid_end, f"{key}.sigmoid_start/sigmoid_end",
+               (self.sigmoid_start, self.sigmoid_end), "sigmoid_start < sigmoid_end")
+        _check(self.sigmoid_tau > 0, f"{key}.sigmoid_tau", self.sigmoid_tau, "a number > 0")
+
+
+@dataclass
+class ObjectiveConfig:
+    prediction: str = "eps"
+    weighting: str = "none"
+    min_snr_gamma: float = 5.0
+
+    def validate(self, key: str) -> None:
+        _check(self.prediction in ("eps", "x0", "v"), f"{key}.prediction", self.prediction, "eps, x0 or v")
+        _check(self.weighting in ("none", "min_snr"), f"{key}.weighting", self.weighting, "none or min_snr")
+        _check(self.min_snr_gamma > 0, f"{key}.min_snr_gamma", self.min_snr_gamma, "a number > 0")
+
+
+def _check_steps(key: str, steps: Optional[int], schedule: ScheduleConfig) -> None:
+    T = schedule.num_timesteps
+    _check(steps is None or 1 <= steps <= T, f"{key}.steps", steps,
+           f"an integer in [1, schedule.num_timesteps={T}]")
+
+
+@dataclass
+class DDPMSamplerConfig:
+    _target_: str = "difflab.diffusion.samplers.DDPMSampler"
+    steps: Optional[int] = None  # null: all T steps
+    variance: str = "posterior"
+    clip_denoised: bool = True
+    spacing: str = "leading"
+
+    def validate(self, key: str, schedule: ScheduleConfig) -> None:
+        _check_steps(key, self.steps, schedule)
+        _check(self.variance in ("posterior", "beta"), f"{key}.variance", self.variance, "posterior or beta")
+        _check(self.spacing in ("leading", "trailing", "linspace"), f"{key}.spacing", self.spacing,
+               "leading, trailing or linspace")
+
+
+@dataclass
+class DDIMSamplerConfig:
+    _target_: str = "difflab.diffusion.samplers.DDIMSampler"
+    steps: int = 50
+    eta: float = 0.0
+    spacing: str = "leading"
+    clip_denoised: bool = True
+
+    def validate(self, key: str, schedule: ScheduleConfig) -> None:
+        _check_steps(key, self.steps, schedule)
+        _check(0.0 <= self.eta <= 1.0, f"{key}.eta", self.eta, "a number in [0, 1]")
+        _check(self.spacing in ("leading", "trailing", "linspace"), f"{key}.spacing", self.spacing,
+               "leading, trailing or linspace")
+
+
+@dataclass
+class TrainerConfig:
+    _target_: str = "lightning.pytorch.Trainer"
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: Optional[int] = None
+    min_epochs: Optional[int] = None
+    max_steps: int = -1
+    max_time: Optional[str] = None
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+    check_val_every_n_epoch: Optional[int] = 1
+    val_check_interval: Optional[float] = None
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    num_sanity_val_steps: int = 0
+    log_every_n_steps: int = 10
+    deterministic: Any = False
+    benchmark: Optional[bool] = None
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    enable_checkpointing: bool = True
+    fast_dev_run: Any = False
+    overfit_batches: float = 0.0
+    detect_anomaly: bool = False
+    use_distributed_sampler: bool = True
+    profiler: Optional[str] = None
+    default_root_dir: Optional[str] = None
+
+    def validate(self, key: str) -> None:
+        _check(self.max_epochs is None or self.max_epochs >= 1, f"{key}.max_epochs", self.max_epochs,
+               "null or an integer >= 1")
+        _check(self.accumulate_grad_batches >= 1, f"{key}.accumulate_grad_batches",
+               self.accumulate_grad_batches, "an integer >= 1")
+        _check(self.gradient_clip_val is None or self.gradient_clip_val > 0, f"{key}.gradient_clip_val",
+               self.gradient_clip_val, "null or a number > 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+
+    def validate(self, key: str) -> None:
+        _check(self.lr > 0, f"{key}.lr", self.lr, "a number > 0")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(self.lr_schedule in ("constant", "cosine"), f"{key}.lr_schedule", self.lr_schedule,
+               "constant or cosine")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    log_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = MISSING
+    model: UNetConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    sampler: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: Optional[dict[str, Any]] = None
+    callbacks: Optional[dict[str, Any]] = None
+    paths: PathsConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    task_name: str = "train"
+    tags: list[str] = field(default_factory=list)
+    seed: Optional[int] = 42
+    ckpt_path: Optional[str] = None
+    channels_last: bool = True
+    compile: bool = False
+    float32_matmul_precision: str = "high"
+    train: bool = True
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = MISSING
+    sampler: Any = None
+    paths: PathsConfig = MISSING
+    n: int = 64
+    nrow: Optional[int] = None
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "auto"
+    progress: bool = True
+    task_name: str = "sample"
+
+    def validate(self, key: str = "") -> None:
+        _check(self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.nrow is None or self.nrow >= 1, "nrow", self.nrow, "null or an integer >= 1")
+
+
+def register() -> None:
+    """Put the schemas where the YAML options' defaults lists find them."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="model", name="unet_schema", node=UNetConfig)
+    cs.store(group="schedule", name="schema", node=ScheduleConfig)
+    cs.store(group="objective", name="schema", node=ObjectiveConfig)
+    cs.store(group="sampler", name="ddpm_schema", node=DDPMSamplerConfig)
+    cs.store(group="sampler", name="ddim_schema", node=DDIMSamplerConfig)
+    cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="paths", name="schema", node=PathsConfig)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges of every schema-backed node; raise ConfigError naming the key."""
+    def obj(node: Any) -> Any:
+        return OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
+
+    schedule = obj(cfg.schedule)
+    for key in ("data", "model", "schedule", "objective", "trainer", "optim"):
+        node = obj(cfg[key])
+        if hasattr(node, "validate"):
+            node.validate(key)
+    sampler = obj(cfg.sampler)
+    if hasattr(sampler, "validate"):
+        sampler.validate("sampler", schedule)

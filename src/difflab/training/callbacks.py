@@ -1,0 +1,114 @@
+"""Callbacks: sample grids from the EMA weights, and an EMA-weights export for sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torchvision.utils import make_grid, save_image
+
+from difflab.training.ema import ema_module
+
+EMA_FORMAT = "difflab.ema/1"
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images to [0, 1] (clamped), float32 on the CPU."""
+    return ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> torch.Tensor:
+    """Save [-1, 1] images as one PNG grid; return the grid tensor [C, H, W] in [0, 1]."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)
+    save_image(grid, path)
+    return grid
+
+
+def log_image(trainer: "pl.Trainer", key: str, grid: torch.Tensor) -> None:
+    """Send a [C, H, W] image in [0, 1] to every logger that takes images."""
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(logger, "log_image"):  # WandbLogger (and others with the same API)
+            logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=trainer.global_step)
+        elif hasattr(experiment, "add_image"):  # TensorBoard
+            experiment.add_image(key, grid, global_step=trainer.global_step)
+
+
+class SampleGrid(Callback):
+    """Every `every_n_epochs` epochs and at the end of training, sample a grid with the EMA
+    weights from the same fixed noise (seeded generator), save it as
+    `<dirpath>/epoch_XXXX.png` and send it to the loggers."""
+
+    def __init__(self, every_n_epochs: int = 10, num_samples: int = 64, nrow: int = 8, seed: int = 1234,
+                 dirpath: str = "samples") -> None:
+        if every_n_epochs < 1 or num_samples < 1 or nrow < 1:
+            raise ValueError("SampleGrid needs every_n_epochs, num_samples and nrow >= 1.")
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.nrow = nrow
+        self.seed = seed
+        self.dirpath = Path(dirpath)
+        self._last_step: Optional[int] = None
+        self.paths: list[Path] = []
+
+    def _sample_and_save(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self._last_step == trainer.global_step:
+            return
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        module = ema_module(trainer, pl_module)
+        generator = torch.Generator(module.device).manual_seed(self.seed)
+        images = module.sample(self.num_samples, generator=generator)
+        path = self.dirpath / f"epoch_{trainer.current_epoch:04d}.png"
+        grid = save_grid(images, path, nrow=self.nrow)
+        self.paths.append(path)
+        log_image(trainer, "samples", grid)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._sample_and_save(trainer, pl_module)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._sample_and_save(trainer, pl_module)
+
+
+def ema_payload(module: pl.LightningModule, trainer: Optional["pl.Trainer"] = None) -> dict[str, Any]:
+    """What `ema.pt` holds: the network's EMA weights and the run config that rebuilds it."""
+    return {
+        "format": EMA_FORMAT,
+        "run_config": dict(module.hparams.get("run_config") or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in module.net.state_dict().items()},
+        "epoch": trainer.current_epoch if trainer else None,
+        "global_step": trainer.global_step if trainer else None,
+    }
+
+
+class ExportEMA(Callback):
+    """Write the EMA network weights (and the config that rebuilds the network) to `path`
+    every `every_n_epochs` epochs and at the end of training; rank 0 only; atomic rename,
+    so an interrupted write never leaves a broken file."""
+
+    def __init__(self, path: str = "checkpoints/ema.pt", every_n_epochs: int = 10) -> None:
+        self.path = Path(path)
+        self.every_n_epochs = every_n_epochs
+
+    def _export(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        torch.save(ema_payload(ema_module(trainer, pl_module), trainer), tmp)
+        tmp.replace(self.path)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._export(trainer, pl_module)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._export(trainer, pl_module)

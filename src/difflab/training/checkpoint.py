@@ -1,0 +1,46 @@
+"""Read what a run left behind (`last.ckpt`, `ema.pt`) without running any code in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.training.callbacks import EMA_FORMAT
+
+
+class CheckpointError(ValueError):
+    """The file is missing, unreadable, or not a difflab checkpoint."""
+
+
+def load_network_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Return (run_config, network state_dict) from a difflab `.ckpt` or `ema.pt`.
+
+    For a Lightning checkpoint the weights are its `state_dict`, which holds the EMA weights
+    when the run used the EMA callback (Lightning stores the raw ones under
+    `current_model_state`). Loading uses `weights_only=True`: a checkpoint is a pickle, and
+    opening one must never run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass ckpt=<run>/checkpoints/last.ckpt "
+                              "or ckpt=<run>/checkpoints/ema.pt")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise CheckpointError(f"could not read {path} as a torch checkpoint ({type(error).__name__}: "
+                              f"{error}). Is it a difflab last.ckpt or ema.pt?") from error
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is not a difflab checkpoint (it holds a {type(payload).__name__}).")
+    if payload.get("format") == EMA_FORMAT:
+        config, weights = payload.get("run_config"), payload.get("state_dict")
+    elif "state_dict" in payload and isinstance(payload.get("hyper_parameters"), dict):
+        config = payload["hyper_parameters"].get("run_config")
+        weights = {k[len("net."):]: v for k, v in payload["state_dict"].items() if k.startswith("net.")}
+    else:
+        raise CheckpointError(f"{path} is not a difflab checkpoint: it has neither an EMA export "
+                              f"('format': {EMA_FORMAT!r}) nor a Lightning 'state_dict' with difflab hyperparameters.")
+    if not config or "model" not in config or not weights:
+        raise CheckpointError(f"{path} has no run config or network weights; it was not written by difflab-train.")
+    return config, weights

@@ -1,0 +1,70 @@
+"""EMA of the weights, on top of Lightning's own weight-averaging callback.
+
+Lightning's `EMAWeightAveraging` keeps the averaged copy, swaps it in for validation,
+saves it as the checkpoint's `state_dict` (raw weights under `current_model_state`) and
+restores both on resume. We add two things a diffusion run wants:
+- a warm-up of the decay, min(decay, (1 + n) / (10 + n)) after n updates, so the EMA of a
+  short run is not dominated by the random initial weights;
+- `use_buffers=False`: only parameters are averaged; buffers (the noise schedule) are not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the LightningModule's parameters."""
+
+    def __init__(self, decay: float = 0.999, warmup: bool = True, update_every_n_steps: int = 1,
+                 device: Optional[str] = None) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay={decay} must be in (0, 1).")
+        super().__init__(device=device, use_buffers=False, multi_avg_fn=self._lerp)
+        self.decay = decay
+        self.warmup = warmup
+        self.update_every_n_steps = update_every_n_steps
+        # Updates so far, counted on the host so that the decay never waits on a device.
+        self._updates = 0
+
+    def current_decay(self) -> float:
+        """Decay of the update in progress: n = updates before it (the first one copies)."""
+        n = max(self._updates - 1, 0)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    def _lerp(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        # ema <- ema + (1 - decay) * (current - ema), one fused op per device/dtype group.
+        torch._foreach_lerp_(averaged, current, 1.0 - self.current_decay())
+
+    def should_update(self, step_idx: Optional[int] = None, epoch_idx: Optional[int] = None) -> bool:
+        update = step_idx is not None and step_idx % self.update_every_n_steps == 0
+        self._updates += int(update)
+        return update
+
+    @property
+    def averaged_module(self) -> Optional[pl.LightningModule]:
+        """The EMA copy of the LightningModule (None before fit set it up).
+
+        Holds the EMA weights except during validation, when Lightning swaps them into the
+        live module; callbacks read it from training-epoch or train-end hooks.
+        """
+        return None if self._average_model is None else self._average_model.module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "updates": self._updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._updates = int(state_dict.get("updates", 0))
+
+
+def ema_module(trainer: "pl.Trainer", pl_module: pl.LightningModule) -> pl.LightningModule:
+    """The module holding the EMA weights if an EMA callback runs, else the live module."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EMA) and callback.averaged_module is not None:
+            return callback.averaged_module
+    return pl_module

@@ -1,0 +1,160 @@
+"""The LightningModule: a network, a noise schedule, a loss and a sampler for grids.
+
+The module owns no diffusion math: the loss is `difflab.diffusion.losses.diffusion_loss`
+and sampling is `Denoiser` + a sampler from `difflab.diffusion.samplers`. The schedule is
+a submodule whose tensors are non-persistent buffers: they follow the device, are never
+trained, never saved and never averaged by the EMA.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+from difflab.diffusion.denoiser import Denoiser
+from difflab.diffusion.losses import diffusion_loss
+from difflab.diffusion.schedule import NoiseSchedule
+
+
+class DiffusionModule(pl.LightningModule):
+    """U-Net + schedule + objective; AdamW with linear warm-up and optional cosine decay.
+
+    Args:
+        net: a network `net(x, t, cond) -> prediction` (e.g. `difflab.models.UNet`).
+        schedule: the forward-process noise schedule.
+        sampler: the sampler used for sample grids (any `difflab.diffusion.samplers.Sampler`).
+        prediction: what the network is trained to predict: "eps", "x0" or "v".
+        weighting: loss weighting over timesteps: "none" (the simplified loss) or "min_snr".
+        run_config: the resolved run configuration, stored in checkpoints so that the
+            network, schedule and sampler can be rebuilt from the checkpoint alone.
+    """
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, sampler: Any, *, prediction: str = "eps",
+                 weighting: str = "none", min_snr_gamma: float = 5.0, lr: float = 1e-3,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
+                 lr_schedule: str = "constant", min_lr_ratio: float = 0.1, channels_last: bool = True,
+                 compile: bool = False, run_config: Optional[dict] = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "schedule", "sampler"])
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.schedule = schedule
+        self.sampler = sampler
+        self._compiled_net: Optional[nn.Module] = None
+
+    # -- training ---------------------------------------------------------------------
+    @property
+    def conditional(self) -> bool:
+        return getattr(self.net, "num_classes", None) is not None
+
+    def _batch(self, batch: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        images, labels = batch
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, (labels if self.conditional else None)
+
+    def on_fit_start(self) -> None:
+        # Compiled after the EMA callback copied the module, so the copy stays a plain module;
+        # kept outside the module tree so state_dict keys do not change.
+        if self.hparams.compile and self._compiled_net is None:
+            object.__setattr__(self, "_compiled_net", torch.compile(self.net))
+
+    def loss(self, images: torch.Tensor, cond: Optional[torch.Tensor] = None,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        net = self._compiled_net if (self._compiled_net is not None and self.training) else self.net
+        return diffusion_loss(self.schedule, net, images, objective=self.hparams.prediction, cond=cond,
+                              generator=generator, weighting=self.hparams.weighting,
+                              min_snr_gamma=self.hparams.min_snr_gamma)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, cond = self._batch(batch)
+        loss = self.loss(images, cond)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, cond = self._batch(batch)
+        # The same timesteps and noise every validation, so val losses compare across epochs.
+        generator = torch.Generator(self.device).manual_seed(10_000 + batch_idx)
+        loss = self.loss(images, cond, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                      weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.lr_schedule == "constant":
+                return 1.0
+            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- sampling ---------------------------------------------------------------------
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.net, self.schedule, self.hparams.prediction)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, *, generator: Optional[torch.Generator] = None,
+               cond: Optional[torch.Tensor] = None, sampler: Any = None, image_shape: Optional[tuple] = None,
+               return_trajectory: bool = False, progress: bool = False) -> Any:
+        """Draw `num_samples` images in [-1, 1] with this module's weights (pass the EMA copy)."""
+        shape = (num_samples, *(image_shape or self.image_shape))
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return (sampler or self.sampler).sample(self.denoiser(), self.schedule, shape, cond=cond,
+                                                    generator=generator, return_trajectory=return_trajectory,
+                                                    progress=progress)
+        finally:
+            self.net.train(was_training)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        model_cfg = (self.hparams.run_config or {}).get("model", {})
+        size = model_cfg.get("image_size") or getattr(self.net, "image_size", None)
+        channels = model_cfg.get("in_channels") or getattr(self.net, "in_channels", None)
+        if size is None or channels is None:
+            raise ValueError("image shape unknown: build the net with image_size and in_channels.")
+        return (int(channels), int(size), int(size))
+
+    # -- resume: RNG states travel with the checkpoint --------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        np_state = np.random.get_state()
+        checkpoint["difflab_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": _tuples_to_lists(random.getstate()),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("difflab_rng")
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, *rest = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        random.setstate(_lists_to_tuples(state["python"]))
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    return [_tuples_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _lists_to_tuples(value: Any) -> Any:
+    return tuple(_lists_to_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
