@@ -1,0 +1,22 @@
+"""Image datasets for diffusion training: named sources and one LightningDataModule."""
+
+from difflab.data.datamodule import ImageDataModule, InMemoryImages, collate_images, real_images
+from difflab.data.sources import (
+    DATASETS,
+    DatasetInfo,
+    DatasetUnavailableError,
+    dataset_info,
+    scan_image_folder,
+)
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "DatasetUnavailableError",
+    "ImageDataModule",
+    "InMemoryImages",
+    "collate_images",
+    "dataset_info",
+    "real_images",
+    "scan_image_folder",
+]
