@@ -45,6 +45,11 @@ class EMA(WeightAveraging):
         self._updates += int(update)
         return update
 
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        """Keep the live module's raw weights at the end of fit (Lightning would copy the EMA
+        in): a checkpoint saved afterwards must still hold raw and EMA weights apart, or a
+        resumed run would continue from the EMA. Read the EMA from `ema_module()`."""
+
     @property
     def averaged_module(self) -> Optional[pl.LightningModule]:
         """The EMA copy of the LightningModule (None before fit set it up).
