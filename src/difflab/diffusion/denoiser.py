@@ -1,0 +1,90 @@
+"""One wrapper that turns a trained network into whatever prediction a sampler needs.
+
+A network trained with objective ``"eps"``, ``"x0"`` or ``"v"`` predicts one of three
+quantities that, given x_t, determine each other (see ``process``). Samplers ask the
+``Denoiser`` for eps and/or x_0 and never learn which objective was trained. Anything
+with the signature ``net(x, t, cond)`` can be wrapped, including a guidance wrapper
+around another network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .losses import OBJECTIVES
+from .process import (
+    predict_eps_from_v,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    predict_x0_from_v,
+    v_from_x0_eps,
+)
+from .schedule import NoiseSchedule
+
+Network = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+class Denoiser:
+    """Discrete-time denoiser: ``net`` trained with ``objective`` on ``schedule``.
+
+    ``t`` may be a LongTensor ``[B]`` or a python int (used for the whole batch).
+    Network output (possibly bf16 under autocast) is cast to ``x.dtype`` before any
+    conversion.
+    """
+
+    def __init__(self, net: Network, schedule: NoiseSchedule, objective: str = "eps") -> None:
+        if objective not in OBJECTIVES:
+            allowed = ", ".join(OBJECTIVES)
+            raise ValueError(f"unknown objective {objective!r}; allowed objectives: {allowed}")
+        self.net = net
+        self.schedule = schedule
+        self.objective = objective
+
+    def __repr__(self) -> str:
+        return f"Denoiser(objective={self.objective!r}, net={type(self.net).__name__})"
+
+    def _batch_timesteps(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.long, device=x.device)
+        return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None) -> torch.Tensor:
+        """The network output (in the objective's space), cast to ``x.dtype``."""
+        return self.net(x, self._batch_timesteps(x, t), cond).to(x.dtype)
+
+    def predict(
+        self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x_0) predicted from x_t with one network call."""
+        t = self._batch_timesteps(x, t)
+        out = self.raw(x, t, cond)
+        if self.objective == "eps":
+            eps, x0 = out, predict_x0_from_eps(self.schedule, x, t, out)
+        elif self.objective == "x0":
+            eps, x0 = predict_eps_from_x0(self.schedule, x, t, out), out
+        else:
+            eps = predict_eps_from_v(self.schedule, x, t, out)
+            x0 = predict_x0_from_v(self.schedule, x, t, out)
+        # The float32 schedule coefficients would promote a bf16 x; hand back x's dtype.
+        return eps.to(x.dtype), x0.to(x.dtype)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None) -> torch.Tensor:
+        """Predicted noise eps(x_t, t)."""
+        return self.predict(x, t, cond)[0]
+
+    def x0(
+        self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None, clip: bool = False
+    ) -> torch.Tensor:
+        """Predicted clean sample x_0(x_t, t), optionally clipped to [-1, 1]."""
+        x0 = self.predict(x, t, cond)[1]
+        return x0.clamp(-1.0, 1.0) if clip else x0
+
+    def v(self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None) -> torch.Tensor:
+        """Predicted velocity v(x_t, t) (Salimans & Ho 2022)."""
+        t = self._batch_timesteps(x, t)
+        if self.objective == "v":
+            return self.raw(x, t, cond)
+        eps, x0 = self.predict(x, t, cond)
+        return v_from_x0_eps(self.schedule, x0, t, eps).to(x.dtype)

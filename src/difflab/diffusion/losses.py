@@ -1,0 +1,92 @@
+"""Training objective: which target the network regresses and how timesteps are weighted.
+
+- ``"eps"``: predict the noise; with no weighting this is L_simple (Ho et al. 2020, eq. 14).
+- ``"x0"``: predict the clean sample.
+- ``"v"``: predict the velocity ``sqrt(a) eps - sqrt(1 - a) x_0`` (Salimans & Ho 2022).
+
+Weighting ``"min_snr"`` is Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training
+via Min-SNR Weighting Strategy"): the x_0-space loss is weighted by ``min(SNR_t, gamma)``,
+which, rewritten for each target, is ``min(SNR, gamma) / SNR`` for eps,
+``min(SNR, gamma)`` for x_0 and ``min(SNR, gamma) / (SNR + 1)`` for v.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .process import q_sample, v_from_x0_eps
+from .schedule import NoiseSchedule, extract
+
+OBJECTIVES = ("eps", "x0", "v")
+WEIGHTINGS = ("none", "min_snr")
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; allowed objectives: {', '.join(OBJECTIVES)}")
+
+
+def training_target(
+    schedule: NoiseSchedule, objective: str, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """The regression target for ``objective`` at (x_0, t, noise)."""
+    _check_objective(objective)
+    if objective == "eps":
+        return noise
+    if objective == "x0":
+        return x0
+    return v_from_x0_eps(schedule, x0, t, noise)
+
+
+def min_snr_weight(schedule: NoiseSchedule, objective: str, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample Min-SNR-gamma weight (Hang et al. 2023) for the given objective, shape [B]."""
+    _check_objective(objective)
+    snr = extract(schedule.log_snr, t, 1).exp()
+    clipped = snr.clamp(max=gamma)
+    if objective == "eps":
+        return clipped / snr
+    if objective == "x0":
+        return clipped
+    return clipped / (snr + 1.0)
+
+
+def diffusion_loss(
+    schedule: NoiseSchedule,
+    net: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    x0: torch.Tensor,
+    *,
+    objective: str = "eps",
+    cond: Any = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    weighting: str = "none",
+    min_snr_gamma: float = 5.0,
+) -> torch.Tensor:
+    """Scalar denoising loss for a batch of clean samples ``x0`` (DDPM Alg. 1).
+
+    Draws ``t ~ U{0, .., T-1}`` and ``noise ~ N(0, I)`` unless given (``generator`` must
+    live on x0's device), forms ``x_t = q_sample(x0, t, noise)``, calls ``net(x_t, t, cond)``
+    and returns the (optionally weighted) mean squared error to the objective's target.
+    The error is computed in float32 even if the network ran under bf16 autocast.
+    """
+    _check_objective(objective)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; allowed weightings: {', '.join(WEIGHTINGS)}")
+    if weighting == "min_snr" and min_snr_gamma <= 0:
+        raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+    batch = x0.shape[0]
+    if t is None:
+        t = torch.randint(0, schedule.num_timesteps, (batch,), device=x0.device, generator=generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    xt = q_sample(schedule, x0, t, noise)
+    prediction = net(xt, t, cond)
+    target = training_target(schedule, objective, x0, t, noise)
+    per_sample = (prediction.float() - target.float()).square().reshape(batch, -1).mean(dim=1)
+    if weighting == "min_snr":
+        per_sample = per_sample * min_snr_weight(schedule, objective, t, min_snr_gamma).float()
+    return per_sample.mean()
