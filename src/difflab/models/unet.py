@@ -1,0 +1,252 @@
+"""The DDPM-style U-Net: a network of (x, t, cond) that knows nothing of diffusion.
+
+Shape of the network (Ho et al. 2020, appendix B; Dhariwal & Nichol 2021):
+  conv_in -> for each level: num_res_blocks x [ResBlock (+ attention)] then a stride-2
+  downsample (not after the last level); every intermediate result is kept as a skip ->
+  mid: ResBlock, attention, ResBlock -> for each level, deepest first:
+  (num_res_blocks + 1) x [concat one skip, ResBlock (+ attention)] then a 2x upsample
+  (not after level 0) -> GroupNorm, SiLU, conv_out (zero-initialised).
+
+Level i works at H / 2**i, with base_channels * channel_mults[i] channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from difflab.models.layers import (
+    Downsample,
+    GroupNormFP32,
+    ResBlock,
+    SelfAttention,
+    Upsample,
+    sinusoidal_embedding,
+    zero_init,
+)
+
+
+class ResAttentionBlock(nn.Module):
+    """One residual block, optionally followed by self-attention at the same width."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        embed_dim: int,
+        dropout: float,
+        num_groups: int,
+        attention: bool,
+        head_dim: int,
+    ) -> None:
+        super().__init__()
+        self.res = ResBlock(in_channels, out_channels, embed_dim, dropout, num_groups)
+        self.attention = (
+            SelfAttention(out_channels, head_dim, num_groups) if attention else nn.Identity()
+        )
+
+    def forward(self, x: Tensor, embed_act: Tensor) -> Tensor:
+        return self.attention(self.res(x, embed_act))
+
+
+class UNet(nn.Module):
+    """U-Net denoiser backbone: ``forward(x, t, cond=None) -> [B, out_channels, H, W]``.
+
+    Args:
+        in_channels: image channels (1 for grey digits, 3 for RGB).
+        out_channels: predicted channels; defaults to ``in_channels``.
+        base_channels: width of level 0; level i has ``base_channels * channel_mults[i]``.
+        channel_mults: one multiplier per level; there are ``len(channel_mults)`` levels.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attention_levels: indices of the levels that get self-attention after each block.
+        mid_attention: self-attention between the two residual blocks of the middle.
+        attention_head_dim: channels per attention head.
+        dropout: dropout rate inside residual blocks.
+        num_groups: GroupNorm groups; must divide every channel count.
+        num_classes: number of class labels for conditioning, or None for unconditional.
+            The embedding has ``num_classes + 1`` rows: row ``num_classes`` is the null
+            class, used when ``cond`` is None (classifier-free guidance drops to it).
+        image_size: if given, checked at construction to be divisible by the downsampling.
+        time_embed_mult: the time/class embedding has ``base_channels * time_embed_mult`` dims.
+
+    ``t`` may be integer or fractional timesteps [B], or a scalar used for the whole batch.
+    For speed on CPU, call ``to_channels_last(model)`` and run under bf16 autocast.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        base_channels: int = 32,
+        channel_mults: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 1,
+        attention_levels: Sequence[int] = (1,),
+        mid_attention: bool = True,
+        attention_head_dim: int = 32,
+        dropout: float = 0.0,
+        num_groups: int = 8,
+        num_classes: int | None = None,
+        image_size: int | None = None,
+        time_embed_mult: int = 4,
+    ) -> None:
+        super().__init__()
+        channel_mults = tuple(channel_mults)
+        attention_levels = tuple(attention_levels)
+        _check_config(base_channels, channel_mults, attention_levels, num_groups, num_res_blocks)
+        self.in_channels = in_channels
+        self.out_channels = in_channels if out_channels is None else out_channels
+        self.num_classes = num_classes
+        self.size_divisor = 2 ** (len(channel_mults) - 1)
+        if image_size is not None:
+            _check_size(image_size, image_size, self.size_divisor)
+
+        self.time_embed_in_dim = base_channels
+        embed_dim = base_channels * time_embed_mult
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        )
+        self.class_embed = (
+            nn.Embedding(num_classes + 1, embed_dim) if num_classes is not None else None
+        )
+
+        def block(cin: int, cout: int, attention: bool) -> ResAttentionBlock:
+            return ResAttentionBlock(
+                cin, cout, embed_dim, dropout, num_groups, attention, attention_head_dim
+            )
+
+        widths = [base_channels * m for m in channel_mults]
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        skip_widths = [base_channels]
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        current = base_channels
+        for level, width in enumerate(widths):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                blocks.append(block(current, width, level in attention_levels))
+                current = width
+                skip_widths.append(current)
+            self.down_blocks.append(blocks)
+            if level < len(widths) - 1:
+                self.downsamples.append(Downsample(current))
+                skip_widths.append(current)
+
+        self.mid = nn.ModuleList(
+            [block(current, current, mid_attention), block(current, current, False)]
+        )
+
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                skip_width = skip_widths.pop()
+                blocks.append(block(current + skip_width, widths[level], level in attention_levels))
+                current = widths[level]
+            self.up_blocks.append(blocks)
+            if level > 0:
+                self.upsamples.append(Upsample(current))
+
+        self.norm_out = GroupNormFP32(num_groups, current)
+        self.conv_out = zero_init(nn.Conv2d(current, self.out_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+        """Predict from noisy images ``x`` [B, C, H, W] at timesteps ``t`` with labels ``cond``."""
+        self._check_input(x)
+        embed_act = F.silu(self._embed(x, t, cond))  # every block starts with SiLU: do it once
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level, blocks in enumerate(self.down_blocks):
+            for blk in blocks:
+                h = blk(h, embed_act)
+                skips.append(h)
+            if level < len(self.downsamples):
+                h = self.downsamples[level](h)
+                skips.append(h)
+
+        for blk in self.mid:
+            h = blk(h, embed_act)
+
+        for i, blocks in enumerate(self.up_blocks):
+            for blk in blocks:
+                h = blk(torch.cat([h, skips.pop()], dim=1), embed_act)
+            if i < len(self.upsamples):
+                h = self.upsamples[i](h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _embed(self, x: Tensor, t: Tensor | float, cond: Tensor | None) -> Tensor:
+        batch = x.shape[0]
+        if not isinstance(t, Tensor):  # a Python number: fill on the device, no host copy
+            t = torch.full((batch,), t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must be a scalar or have shape [{batch}], got {tuple(t.shape)}")
+        embed = self.time_mlp(sinusoidal_embedding(t, self.time_embed_in_dim))
+        if self.class_embed is None:
+            if cond is not None:
+                raise ValueError(
+                    "cond was given but this UNet is unconditional; build it with num_classes=N"
+                )
+            return embed
+        if cond is None:
+            cond = torch.full((batch,), self.num_classes, dtype=torch.long, device=x.device)
+        elif cond.shape != (batch,):
+            raise ValueError(
+                f"cond must be class labels of shape [{batch}], got {tuple(cond.shape)}"
+            )
+        return embed + self.class_embed(cond)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected x of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
+            )
+        _check_size(x.shape[-2], x.shape[-1], self.size_divisor)
+
+
+def _check_size(height: int, width: int, divisor: int) -> None:
+    if height % divisor or width % divisor:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by {divisor} = 2**(levels - 1), "
+            f"which the U-Net's downsampling needs; use an image_size that is a multiple of "
+            f"{divisor}, or fewer channel_mults (levels)"
+        )
+
+
+def _check_config(
+    base_channels: int,
+    channel_mults: tuple[int, ...],
+    attention_levels: tuple[int, ...],
+    num_groups: int,
+    num_res_blocks: int,
+) -> None:
+    if not channel_mults or num_res_blocks < 1:
+        raise ValueError("need at least one level (channel_mults) and num_res_blocks >= 1")
+    widths = {base_channels} | {base_channels * m for m in channel_mults}
+    bad = sorted(w for w in widths if w % num_groups)
+    if bad:
+        raise ValueError(
+            f"num_groups={num_groups} must divide every channel count, but not {bad}; "
+            f"pick num_groups dividing base_channels * each of channel_mults"
+        )
+    outside = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mults)]
+    if outside:
+        raise ValueError(
+            f"attention_levels {outside} are not level indices 0..{len(channel_mults) - 1}"
+        )
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Store the model's 4-D weights channels_last (in place) and return it.
+
+    With channels_last conv weights every activation comes out channels_last, which is the
+    layout oneDNN's fast (AMX/bf16) kernels want; pass inputs as
+    ``x.contiguous(memory_format=torch.channels_last)`` to skip one conversion.
+    """
+    return model.to(memory_format=torch.channels_last)

@@ -1,0 +1,231 @@
+"""Behaviour of difflab.models.UNet: shapes, conditioning, input checks, layouts, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from difflab.models import UNet, to_channels_last
+
+CL = torch.channels_last
+
+
+def small_unet(**overrides) -> UNet:
+    """A narrow net so the tests stay fast; overrides replace any constructor argument."""
+    config = dict(
+        base_channels=16, channel_mults=(1, 2), attention_levels=(1,), attention_head_dim=16
+    )
+    config.update(overrides)
+    return UNet(**config)
+
+
+def randomize_zero_init(net: nn.Module, std: float = 0.05) -> nn.Module:
+    """Give the zero-initialised layers random weights, so every path affects the output."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return net
+
+
+def batch(channels: int = 1, size: int = 16, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, channels, size, size, generator=generator)
+    t = torch.randint(0, 1000, (n,), generator=generator)
+    return x, t
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "out_channels", "size", "channel_mults", "attention_levels"),
+    [
+        (1, None, 8, (1, 2, 4), (1,)),
+        (3, None, 16, (1, 2), (1,)),
+        (1, None, 28, (1, 2, 4), (1,)),
+        (3, 6, 32, (1, 2, 2, 2), (2, 3)),
+        (3, None, 32, (1,), ()),
+    ],
+)
+def test_output_shape(in_channels, out_channels, size, channel_mults, attention_levels):
+    net = small_unet(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channel_mults=channel_mults,
+        attention_levels=attention_levels,
+    )
+    x, t = batch(in_channels, size)
+    out = net(x, t)
+    assert out.shape == (2, out_channels or in_channels, size, size)
+
+
+def test_non_square_input():
+    x = torch.randn(2, 1, 8, 12)
+    assert small_unet()(x, torch.tensor([1, 2])).shape == (2, 1, 8, 12)
+
+
+def test_fresh_net_predicts_zero_because_output_conv_is_zero_initialised():
+    x, t = batch()
+    assert torch.equal(small_unet()(x, t), torch.zeros_like(x))
+
+
+def test_peer_config_parameter_count_is_comparable_to_peers():
+    net = UNet(in_channels=1, base_channels=32, channel_mults=(1, 2, 4), attention_levels=(1,))
+    n_params = sum(p.numel() for p in net.parameters())
+    assert 1.5e6 < n_params < 4e6
+
+
+def test_net_has_no_buffers_so_ema_averages_only_weights():
+    assert list(UNet(num_classes=10).buffers()) == []
+
+
+def test_class_conditioning_changes_output_and_none_is_the_null_class():
+    net = randomize_zero_init(small_unet(num_classes=10))
+    assert net.class_embed.num_embeddings == 11  # 10 classes + the null class
+    x, t = batch()
+    labels = torch.tensor([3, 7])
+    with torch.no_grad():
+        conditional = net(x, t, labels)
+        unconditional = net(x, t)
+        null_label = net(x, t, torch.full((2,), 10))
+    assert not torch.allclose(conditional, unconditional)
+    torch.testing.assert_close(unconditional, null_label)
+
+
+def test_cond_on_unconditional_net_is_an_error():
+    x, t = batch()
+    with pytest.raises(ValueError, match="num_classes"):
+        small_unet()(x, t, torch.tensor([0, 1]))
+
+
+def test_cond_of_wrong_shape_is_an_error():
+    x, t = batch()
+    with pytest.raises(ValueError, match="cond must"):
+        small_unet(num_classes=10)(x, t, torch.tensor([[1], [2]]))
+
+
+def test_float_and_long_timesteps():
+    net = randomize_zero_init(small_unet())
+    x, _ = batch()
+    with torch.no_grad():
+        long_t = net(x, torch.tensor([10, 500]))
+        float_t = net(x, torch.tensor([10.0, 500.0]))
+        fractional_t = net(x, torch.tensor([10.4, 500.0]))
+    torch.testing.assert_close(long_t, float_t)
+    assert not torch.allclose(long_t, fractional_t)  # fractional t is used, not rounded
+
+
+@pytest.mark.parametrize("scalar", [7, 7.0, torch.tensor(7)])
+def test_scalar_timestep_is_broadcast_to_the_batch(scalar):
+    net = randomize_zero_init(small_unet())
+    x, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, scalar), net(x, torch.full((2,), 7)))
+
+
+def test_timesteps_of_wrong_length_are_an_error():
+    x, _ = batch()
+    with pytest.raises(ValueError, match="t must"):
+        small_unet()(x, torch.tensor([1, 2, 3]))
+
+
+def test_size_not_divisible_is_an_error_naming_size_and_divisor():
+    net = UNet(channel_mults=(1, 2, 4))  # 3 levels: H and W must be multiples of 4
+    with pytest.raises(ValueError, match=r"30x30.*divisible by 4") as error:
+        net(torch.randn(1, 1, 30, 30), torch.tensor([1]))
+    assert "image_size" in str(error.value) and "channel_mults" in str(error.value)
+    with pytest.raises(ValueError, match=r"30x30.*divisible by 4"):
+        UNet(channel_mults=(1, 2, 4), image_size=30)
+    UNet(channel_mults=(1, 2, 4), image_size=28)  # a multiple of 4 is fine
+
+
+def test_wrong_channel_count_is_an_error():
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        small_unet()(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]))
+
+
+def test_num_groups_must_divide_every_width():
+    with pytest.raises(ValueError, match="num_groups=12"):
+        UNet(base_channels=32, channel_mults=(1, 2), num_groups=12)
+
+
+def test_attention_level_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNet(channel_mults=(1, 2), attention_levels=(2,))
+
+
+def test_channels_last_gives_the_same_output_and_keeps_the_layout_throughout():
+    torch.manual_seed(0)
+    net = randomize_zero_init(small_unet(num_classes=3))
+    x, t = batch(size=16)
+    cond = torch.tensor([0, 2])
+    with torch.no_grad():
+        reference = net(x, t, cond)
+        to_channels_last(net)
+        conv_inputs_channels_last = []
+        hooks = [
+            module.register_forward_hook(
+                lambda m, inputs, out: conv_inputs_channels_last.append(
+                    inputs[0].is_contiguous(memory_format=CL)
+                )
+            )
+            for module in net.modules()
+            if isinstance(module, nn.Conv2d)
+        ]
+        out = net(x.contiguous(memory_format=CL), t, cond)
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+    # No layout flips: every convolution reads channels_last, and the output stays so.
+    assert conv_inputs_channels_last and all(conv_inputs_channels_last)
+    assert out.is_contiguous(memory_format=CL)
+
+
+def test_bf16_autocast_runs_and_is_close_to_fp32():
+    torch.manual_seed(0)
+    net = to_channels_last(randomize_zero_init(small_unet(num_classes=3)))
+    x, t = batch(size=16, n=4)
+    x = x.contiguous(memory_format=CL)
+    with torch.no_grad():
+        reference = net(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low_precision = net(x, t)
+    assert low_precision.dtype == torch.bfloat16
+    error = (low_precision.float() - reference).abs().max()
+    assert error < 0.05 * reference.abs().max()
+
+
+def test_gradients_reach_every_parameter():
+    net = randomize_zero_init(small_unet(num_classes=3, dropout=0.1))
+    x, t = batch()
+    loss = net(x, t, torch.tensor([0, 1])).square().mean()
+    loss.backward()
+    no_grad = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.any()]
+    assert no_grad == []
+
+
+def test_zero_init_net_trains_its_output_layer_first():
+    # With the output conv at zero only it gets a gradient at step 0; after one optimiser
+    # step the rest of the network starts to learn. Guards against a dead zero-init.
+    net = small_unet()
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, t = batch()
+    for _ in range(2):
+        optimiser.zero_grad()
+        nn.functional.mse_loss(net(x, t), torch.randn_like(x)).backward()
+        optimiser.step()
+    assert net.conv_in.weight.grad is not None and net.conv_in.weight.grad.any()
+
+
+def test_traces_without_graph_breaks_under_torch_compile_fullgraph():
+    # The "eager" backend runs only Dynamo's tracing (no code generation), which is where
+    # graph breaks and host syncs (.item(), data-dependent branches) would show up.
+    net = to_channels_last(randomize_zero_init(small_unet(num_classes=3)))
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    x, t = batch()
+    x = x.contiguous(memory_format=CL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x, t.float(), torch.tensor([0, 1]))
+        out_null = compiled(x, t.float())
+    out.float().mean().backward()
+    assert out.shape == x.shape and out_null.shape == x.shape
