@@ -24,13 +24,13 @@ train: $(STAMP)  ## train the default experiment (mnist5k, ~14 min on 2 CPU core
 	$(BIN)/difflab-train $(ARGS)
 
 test: $(STAMP)  ## the default test suite (< 10 min on 2 cores)
-	$(BIN)/python -m pytest -m "not slow" -n 2 $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile $(ARGS)
 
 test-slow: $(STAMP)  ## only the slow tests
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
 test-all: $(STAMP)  ## every test
-	$(BIN)/python -m pytest -n 2 $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 bench: $(STAMP)  ## training and denoiser images/s for difflab's U-Net and the two peers
 	$(BIN)/python benchmarks/bench.py $(ARGS)

@@ -176,7 +176,7 @@ class TrainerConfig:
     benchmark: Optional[bool] = None
     enable_progress_bar: bool = True
     enable_model_summary: bool = True
-    enable_checkpointing: bool = True
+    enable_checkpointing: bool = False  # checkpoints come from callbacks.last_checkpoint
     fast_dev_run: Any = False
     overfit_batches: float = 0.0
     detect_anomaly: bool = False

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import os
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -112,3 +114,43 @@ class ExportEMA(Callback):
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         self._export(trainer, pl_module)
+
+
+class LastCheckpoint(Callback):
+    """Keep `<dirpath>/last.ckpt` current: every `every_n_epochs` epochs and at the end of
+    fit, whatever ended it (max_epochs, max_steps, max_time).
+
+    Lightning's ModelCheckpoint refreshes `last` only together with a top-k save, so a
+    run stopped by `max_time` kept a checkpoint several epochs old. The file is written
+    beside the old one and renamed over it, so an interrupted save never loses the last
+    good checkpoint. It holds everything a resume needs (weights, EMA, optimizer, loops,
+    RNG states).
+    """
+
+    def __init__(self, dirpath: str = "checkpoints", every_n_epochs: int = 5) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"LastCheckpoint every_n_epochs={every_n_epochs} must be >= 1.")
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = every_n_epochs
+        self._saved_step: Optional[int] = None
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def _save(self, trainer: "pl.Trainer") -> None:
+        if trainer.sanity_checking or self._saved_step == trainer.global_step or trainer.global_step == 0:
+            return
+        tmp = self.dirpath / f".last.ckpt.tmp{os.getpid()}"
+        trainer.save_checkpoint(tmp)  # every rank takes part; the strategy writes on rank 0
+        if trainer.is_global_zero:
+            tmp.replace(self.path)
+        trainer.strategy.barrier("difflab_last_checkpoint")
+        self._saved_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._save(trainer)

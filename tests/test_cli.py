@@ -1,0 +1,101 @@
+"""End to end through the real entry points: train on digits, then sample from the run."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def _run(module, *args, cwd):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        env["OMP_NUM_THREADS"] = "1"  # two xdist workers share two cores
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 2-epoch digits run; its directory."""
+    root = tmp_path_factory.mktemp("e2e")
+    run_dir = root / "run"
+    proc = _run("difflab.cli.train", "experiment=digits_tiny", "trainer.max_epochs=2", "logger=many",
+                "callbacks.progress_bar=null", f"hydra.run.dir={run_dir}", f"paths.root_dir={root}", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir
+
+
+def test_train_writes_config_checkpoints_grids_and_metrics(trained_run):
+    assert (trained_run / "config.yaml").is_file()
+    assert "name: digits" in (trained_run / "config.yaml").read_text()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    grids = sorted((trained_run / "samples").glob("epoch_*.png"))
+    assert [g.name for g in grids] == ["epoch_0000.png", "epoch_0001.png"]
+    grid = np.asarray(Image.open(grids[-1]))
+    assert grid.shape[0] == grid.shape[1] > 4 * 8  # a 4x4 grid of 8x8 digits with padding
+    header, *rows = (trained_run / "csv" / "metrics.csv").read_text().splitlines()
+    assert "train/loss_step" in header and "val/loss" in header and len(rows) >= 2
+
+
+def test_grids_reach_the_image_logger(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run / "tensorboard")).Reload()
+    steps = [e.step for e in events.Images("samples")]
+    assert len(steps) == 2 and steps[1] == 2 * steps[0] > 0  # one grid at the end of each epoch
+    assert "train/loss_step" in events.Tags()["scalars"]
+
+
+def test_checkpoints_hold_ema_weights_and_rebuild_config(trained_run):
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ema = torch.load(trained_run / "checkpoints" / "ema.pt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["run_config"]["model"]["image_size"] == 8
+    assert "current_model_state" in ckpt  # Lightning keeps raw weights apart from the EMA ones
+    for name, value in ema["state_dict"].items():
+        assert torch.equal(value, ckpt["state_dict"][f"net.{name}"])  # state_dict = EMA weights
+    raw = ckpt["current_model_state"]
+    assert any(not torch.equal(raw[k], ckpt["state_dict"][k]) for k in raw if k.startswith("net."))
+    assert not any(k.startswith("schedule.") for k in ckpt["state_dict"])  # buffers rebuilt, not saved
+
+
+@pytest.mark.parametrize("ckpt_name", ["last.ckpt", "ema.pt"])
+def test_sample_cli_writes_grid_and_npz(trained_run, tmp_path, ckpt_name):
+    out = tmp_path / "sample"
+    proc = _run("difflab.cli.sample", f"ckpt={trained_run / 'checkpoints' / ckpt_name}", "n=10",
+                "sampler=ddim", "sampler.steps=5", "progress=false", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
+    assert images.std() > 0
+    assert (out / "samples.png").is_file()
+
+
+def test_sample_cli_same_seed_same_images(trained_run, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"s{i}"
+        proc = _run("difflab.cli.sample", f"ckpt={trained_run / 'checkpoints' / 'ema.pt'}", "n=4", "seed=3",
+                    "sampler=ddim", "sampler.steps=4", "progress=false", f"hydra.run.dir={out}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outs.append(np.load(out / "samples.npz")["images"])
+    assert np.array_equal(*outs)
+
+
+def test_sample_cli_rejects_a_file_that_is_not_a_difflab_checkpoint(tmp_path):
+    bogus = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, bogus)
+    proc = _run("difflab.cli.sample", f"ckpt={bogus}", f"hydra.run.dir={tmp_path / 'o'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "not a difflab checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_reports_bad_value_without_traceback(tmp_path):
+    proc = _run("difflab.cli.train", "experiment=digits_tiny", "sampler.eta=3", f"hydra.run.dir={tmp_path / 'r'}",
+                cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "sampler.eta" in proc.stderr and "Traceback" not in proc.stderr
