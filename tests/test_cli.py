@@ -99,3 +99,25 @@ def test_train_reports_bad_value_without_traceback(tmp_path):
                 cwd=tmp_path)
     assert proc.returncode != 0
     assert "sampler.eta" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_continues_in_a_new_run_dir_and_leaves_the_old_one(trained_run, tmp_path):
+    last = trained_run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    out = tmp_path / "resumed"
+    proc = _run("difflab.cli.train", "experiment=digits_tiny", "trainer.max_epochs=3", "callbacks.progress_bar=null",
+                f"ckpt_path={last}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert last.read_bytes() == before
+    resumed = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    first = torch.load(last, map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == first["global_step"] * 3 // 2  # 2 epochs, then 1 more
+    assert [p.name for p in sorted((out / "samples").glob("*.png"))] == ["epoch_0002.png"]
+
+
+def test_resume_from_another_model_names_the_differing_keys(trained_run, tmp_path):
+    proc = _run("difflab.cli.train", "experiment=digits_tiny", "model.base_channels=32",
+                f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'r'}",
+                cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "model.base_channels: checkpoint 16, now 32" in proc.stderr and "Traceback" not in proc.stderr

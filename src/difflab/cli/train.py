@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import _hydra, schema
 from difflab.data import DatasetUnavailableError
-from difflab.training.checkpoint import CheckpointError
+from difflab.training.checkpoint import CheckpointError, check_resume_compatible
 from difflab.training.module import DiffusionModule
 
 log = logging.getLogger("difflab.train")
@@ -60,6 +60,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = cfg.paths.output_dir
     OmegaConf.save(cfg, f"{output_dir}/config.yaml", resolve=True)
     log.info("run directory: %s", output_dir)
+    if cfg.ckpt_path:
+        check_resume_compatible(cfg.ckpt_path, module.hparams.run_config)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

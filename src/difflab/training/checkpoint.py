@@ -44,3 +44,27 @@ def load_network_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, to
     if not config or "model" not in config or not weights:
         raise CheckpointError(f"{path} has no run config or network weights; it was not written by difflab-train.")
     return config, weights
+
+
+def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{prefix}.{k}")]
+    return [] if saved == current else [f"{prefix}: checkpoint {saved!r}, now {current!r}"]
+
+
+def check_resume_compatible(path: str | Path, run_config: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint of another network or objective, naming the keys.
+
+    Without this, Lightning fails deep inside `load_state_dict` with a list of tensor
+    shapes; with it, the message says which config keys differ and what to do.
+    """
+    saved, _ = load_network_weights(path)
+    differences = [d for key in ("model", "objective") for d in
+                   _differences(saved.get(key), run_config.get(key), key)]
+    if differences:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with another "
+            + "model/objective config:\n  " + "\n  ".join(differences)
+            + "\nUse the same model and objective options as that run (its config.yaml), "
+            "or start a fresh run without ckpt_path.")
