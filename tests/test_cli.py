@@ -121,3 +121,24 @@ def test_resume_from_another_model_names_the_differing_keys(trained_run, tmp_pat
                 cwd=tmp_path)
     assert proc.returncode != 0
     assert "model.base_channels: checkpoint 16, now 32" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_default_experiment_runs_under_debug_fast(tmp_path):
+    """The default composition (mnist5k, unet_mnist, bf16-mixed) runs two batches."""
+    proc = _run("difflab.cli.train", "debug=fast", f"hydra.run.dir={tmp_path / 'r'}", f"paths.root_dir={tmp_path}",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    header, *rows = (tmp_path / "r" / "csv" / "metrics.csv").read_text().splitlines()
+    assert "val/loss" in header and rows
+
+
+@pytest.mark.slow
+def test_default_model_learns_in_one_epoch(tmp_path):
+    """One epoch of the default experiment (70 steps) takes the eps-MSE well below 1."""
+    proc = _run("difflab.cli.train", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
+                "callbacks.progress_bar=null", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [r.split(",") for r in (tmp_path / "r" / "csv" / "metrics.csv").read_text().splitlines()]
+    val = [float(r[rows[0].index("val/loss")]) for r in rows[1:] if r[rows[0].index("val/loss")]]
+    assert val and val[-1] < 0.15
+    assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == ["final.png"]

@@ -83,7 +83,7 @@ def test_fit_keeps_raw_weights_live_and_exports_ema(tmp_path):
     for name, value in averaged.net.state_dict().items():
         assert torch.equal(exported[name], value)
     assert any(not torch.equal(v, module.net.state_dict()[k]) for k, v in exported.items())
-    assert [p.name for p in grid.paths] == ["epoch_0000.png"]  # one grid: the end of the only epoch
+    assert [p.name for p in grid.paths] == ["epoch_0000.png"]  # max_steps still closes epoch 0; no second grid
     assert not any(k.startswith("schedule.") for k in module.state_dict())
 
 

@@ -42,9 +42,10 @@ def log_image(trainer: "pl.Trainer", key: str, grid: torch.Tensor) -> None:
 
 
 class SampleGrid(Callback):
-    """Every `every_n_epochs` epochs and at the end of training, sample a grid with the EMA
-    weights from the same fixed noise (seeded generator), save it as
-    `<dirpath>/epoch_XXXX.png` and send it to the loggers."""
+    """Every `every_n_epochs` epochs, sample a grid with the EMA weights from the same fixed
+    noise (seeded generator), save it as `<dirpath>/epoch_XXXX.png` (XXXX: the epoch just
+    finished, from 0) and send it to the loggers. If training ends anywhere else (max_time,
+    max_steps, an epoch count that is not a multiple), one more grid goes to `final.png`."""
 
     def __init__(self, every_n_epochs: int = 10, num_samples: int = 64, nrow: int = 8, seed: int = 1234,
                  dirpath: str = "samples") -> None:
@@ -58,7 +59,7 @@ class SampleGrid(Callback):
         self._last_step: Optional[int] = None
         self.paths: list[Path] = []
 
-    def _sample_and_save(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+    def _sample_and_save(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, name: str) -> None:
         if trainer.sanity_checking or self._last_step == trainer.global_step:
             return
         self._last_step = trainer.global_step
@@ -67,17 +68,17 @@ class SampleGrid(Callback):
         module = ema_module(trainer, pl_module)
         generator = torch.Generator(module.device).manual_seed(self.seed)
         images = module.sample(self.num_samples, generator=generator)
-        path = self.dirpath / f"epoch_{trainer.current_epoch:04d}.png"
+        path = self.dirpath / name
         grid = save_grid(images, path, nrow=self.nrow)
         self.paths.append(path)
         log_image(trainer, "samples", grid)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._sample_and_save(trainer, pl_module)
+            self._sample_and_save(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}.png")
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
-        self._sample_and_save(trainer, pl_module)
+        self._sample_and_save(trainer, pl_module, "final.png")
 
 
 def ema_payload(module: pl.LightningModule, trainer: Optional["pl.Trainer"] = None) -> dict[str, Any]:
