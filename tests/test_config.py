@@ -32,7 +32,8 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_validates(group, option):
-    extra = ["data.path=/nonexistent"] if (group, option) == ("data", "folder") else []
+    extra = {("data", "folder"): ["data.path=/nonexistent"],
+             ("guidance", "cfg"): ["model.num_classes=10"]}.get((group, option), [])
     cfg = _compose([f"{group}={option}", *extra])
     schema.validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -65,6 +66,8 @@ def test_wrong_type_names_the_key():
     ("objective.prediction=score", "objective.prediction"),
     ("model.attention_levels=[7]", "model.attention_levels"),
     ("optim.lr=-1", "optim.lr"),
+    ("guidance=cfg", "guidance.scale"),  # guidance on an unconditional model
+    ("p_uncond=1.0", "p_uncond"),
 ])
 def test_out_of_range_value_names_the_key(override, key):
     cfg = _compose([override])

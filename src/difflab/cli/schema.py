@@ -153,6 +153,14 @@ class DDIMSamplerConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    scale: Optional[float] = None
+
+    def validate(self, key: str) -> None:
+        _check(self.scale is None or self.scale >= 0, f"{key}.scale", self.scale, "null or a number >= 0")
+
+
+@dataclass
 class TrainerConfig:
     _target_: str = "lightning.pytorch.Trainer"
     accelerator: str = "auto"
@@ -226,6 +234,7 @@ class TrainConfig:
     schedule: ScheduleConfig = MISSING
     objective: ObjectiveConfig = MISSING
     sampler: Any = MISSING
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     trainer: TrainerConfig = MISSING
     logger: Optional[dict[str, Any]] = None
     callbacks: Optional[dict[str, Any]] = None
@@ -239,6 +248,7 @@ class TrainConfig:
     compile: bool = False
     float32_matmul_precision: str = "high"
     train: bool = True
+    p_uncond: float = 0.1
 
 
 @dataclass
@@ -272,6 +282,7 @@ def register() -> None:
     cs.store(group="sampler", name="ddpm_schema", node=DDPMSamplerConfig)
     cs.store(group="sampler", name="ddim_schema", node=DDIMSamplerConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
+    cs.store(group="guidance", name="schema", node=GuidanceConfig)
     cs.store(group="paths", name="schema", node=PathsConfig)
 
 
@@ -281,10 +292,14 @@ def validate(cfg: DictConfig) -> None:
         return OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
 
     schedule = obj(cfg.schedule)
-    for key in ("data", "model", "schedule", "objective", "trainer", "optim"):
+    for key in ("data", "model", "schedule", "objective", "trainer", "optim", "guidance"):
         node = obj(cfg[key])
         if hasattr(node, "validate"):
             node.validate(key)
+    _check(0.0 <= cfg.p_uncond < 1.0, "p_uncond", cfg.p_uncond, "a number in [0, 1)")
+    if cfg.guidance.scale is not None and cfg.model.num_classes is None:
+        raise ConfigError("guidance.scale is set but the model is unconditional: set model.num_classes "
+                          "(and train with p_uncond > 0), or use guidance=none.")
     sampler = obj(cfg.sampler)
     if hasattr(sampler, "validate"):
         sampler.validate("sampler", schedule)

@@ -47,6 +47,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
     module = DiffusionModule(
         net, instantiate(cfg.schedule), instantiate(cfg.sampler),
         **_hydra.plain(cfg.objective), **_hydra.plain(cfg.optim), channels_last=cfg.channels_last, compile=cfg.compile,
+        p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
         run_config=_hydra.plain(cfg),
     )
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks, "callbacks"),

@@ -67,11 +67,18 @@ class SampleGrid(Callback):
             return
         module = ema_module(trainer, pl_module)
         generator = torch.Generator(module.device).manual_seed(self.seed)
-        images = module.sample(self.num_samples, generator=generator)
+        images = module.sample(self.num_samples, generator=generator, cond=self.labels(module))
         path = self.dirpath / name
         grid = save_grid(images, path, nrow=self.nrow)
         self.paths.append(path)
         log_image(trainer, "samples", grid)
+
+    def labels(self, module: pl.LightningModule) -> Optional[torch.Tensor]:
+        """For a class-conditional network, one class per grid row (0, 1, ..., wrapping)."""
+        num_classes = getattr(module.net, "num_classes", None)
+        if num_classes is None:
+            return None
+        return (torch.arange(self.num_samples, device=module.device) // self.nrow) % num_classes
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:

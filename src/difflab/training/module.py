@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from difflab.diffusion.denoiser import Denoiser
+from difflab.diffusion.guidance import ClassifierFreeGuidance, drop_labels
 from difflab.diffusion.losses import diffusion_loss
 from difflab.diffusion.schedule import NoiseSchedule
 
@@ -31,6 +32,10 @@ class DiffusionModule(pl.LightningModule):
         sampler: the sampler used for sample grids (any `difflab.diffusion.samplers.Sampler`).
         prediction: what the network is trained to predict: "eps", "x0" or "v".
         weighting: loss weighting over timesteps: "none" (the simplified loss) or "min_snr".
+        p_uncond: for a class-conditional network, the probability that a training label is
+            replaced by the null class (condition dropout for classifier-free guidance).
+        guidance_scale: classifier-free guidance scale used by `sample` when labels are
+            given (None: no guidance, i.e. the plain conditional prediction).
         run_config: the resolved run configuration, stored in checkpoints so that the
             network, schedule and sampler can be rebuilt from the checkpoint alone.
     """
@@ -39,8 +44,11 @@ class DiffusionModule(pl.LightningModule):
                  weighting: str = "none", min_snr_gamma: float = 5.0, lr: float = 1e-3,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  lr_schedule: str = "constant", min_lr_ratio: float = 0.1, channels_last: bool = True,
-                 compile: bool = False, run_config: Optional[dict] = None) -> None:
+                 compile: bool = False, p_uncond: float = 0.1, guidance_scale: Optional[float] = None,
+                 run_config: Optional[dict] = None) -> None:
         super().__init__()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond={p_uncond} must be in [0, 1).")
         self.save_hyperparameters(ignore=["net", "schedule", "sampler"])
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.schedule = schedule
@@ -52,11 +60,15 @@ class DiffusionModule(pl.LightningModule):
     def conditional(self) -> bool:
         return getattr(self.net, "num_classes", None) is not None
 
-    def _batch(self, batch: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _batch(self, batch: Any, train: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         images, labels = batch
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, (labels if self.conditional else None)
+        if not self.conditional:
+            return images, None
+        if train:  # condition dropout teaches the same network the unconditional prediction
+            labels = drop_labels(labels, self.net.num_classes, self.hparams.p_uncond)
+        return images, labels
 
     def on_fit_start(self) -> None:
         # Compiled after the EMA callback copied the module, so the copy stays a plain module;
@@ -72,7 +84,7 @@ class DiffusionModule(pl.LightningModule):
                               min_snr_gamma=self.hparams.min_snr_gamma)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, cond = self._batch(batch)
+        images, cond = self._batch(batch, train=True)
         loss = self.loss(images, cond)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
         return loss
@@ -103,19 +115,28 @@ class DiffusionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- sampling ---------------------------------------------------------------------
-    def denoiser(self) -> Denoiser:
-        return Denoiser(self.net, self.schedule, self.hparams.prediction)
+    def denoiser(self, guidance_scale: Optional[float] = None) -> Denoiser:
+        """The network as the prediction samplers ask for, guided when a scale is given."""
+        net = self.net
+        if guidance_scale is not None:
+            net = ClassifierFreeGuidance(self.net, getattr(self.net, "num_classes", None), guidance_scale)
+        return Denoiser(net, self.schedule, self.hparams.prediction)
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, generator: Optional[torch.Generator] = None,
                cond: Optional[torch.Tensor] = None, sampler: Any = None, image_shape: Optional[tuple] = None,
                return_trajectory: bool = False, progress: bool = False) -> Any:
-        """Draw `num_samples` images in [-1, 1] with this module's weights (pass the EMA copy)."""
+        """Draw `num_samples` images in [-1, 1] with this module's weights (pass the EMA copy).
+
+        For a conditional network, `cond` holds one label per image (None: unconditional);
+        the module's guidance scale applies when labels are given.
+        """
         shape = (num_samples, *(image_shape or self.image_shape))
+        scale = self.hparams.guidance_scale if cond is not None else None
         was_training = self.net.training
         self.net.eval()
         try:
-            return (sampler or self.sampler).sample(self.denoiser(), self.schedule, shape, cond=cond,
+            return (sampler or self.sampler).sample(self.denoiser(scale), self.schedule, shape, cond=cond,
                                                     generator=generator, return_trajectory=return_trajectory,
                                                     progress=progress)
         finally:
