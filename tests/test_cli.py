@@ -142,3 +142,55 @@ def test_default_model_learns_in_one_epoch(tmp_path):
     val = [float(r[rows[0].index("val/loss")]) for r in rows[1:] if r[rows[0].index("val/loss")]]
     assert val and val[-1] < 0.15
     assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == ["final.png"]
+
+
+def test_conditional_run_samples_a_chosen_class_with_guidance(tmp_path):
+    run = tmp_path / "cond"
+    proc = _run("difflab.cli.train", "experiment=digits_tiny", "model.num_classes=10", "guidance=cfg",
+                "trainer.max_epochs=1", "callbacks.progress_bar=null", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt = run / "checkpoints" / "ema.pt"
+    out = tmp_path / "s7"
+    proc = _run("difflab.cli.sample", f"ckpt={ckpt}", "n=6", "class_label=7", "guidance.scale=3", "sampler=ddim",
+                "sampler.steps=4", "progress=false", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert np.load(out / "samples.npz")["labels"].tolist() == [7] * 6
+    rows = tmp_path / "rows"
+    proc = _run("difflab.cli.sample", f"ckpt={ckpt}", "n=6", "nrow=3", "sampler=ddim", "sampler.steps=4",
+                "progress=false", f"hydra.run.dir={rows}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert np.load(rows / "samples.npz")["labels"].tolist() == [0, 0, 0, 1, 1, 1]  # one class per row
+    proc = _run("difflab.cli.sample", f"ckpt={ckpt}", "class_label=12", f"hydra.run.dir={tmp_path / 'x'}",
+                cwd=tmp_path)
+    assert proc.returncode != 0 and "class_label=12" in proc.stderr and "[0, 9]" in proc.stderr
+
+
+def test_class_label_or_guidance_on_an_unconditional_checkpoint_is_refused(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "ema.pt"
+    for arg in ("class_label=3", "guidance.scale=2"):
+        proc = _run("difflab.cli.sample", f"ckpt={ckpt}", arg, f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path)
+        assert proc.returncode != 0 and "unconditional" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("mode,name,grid_rows", [("inversion", "inversion.png", 3), ("interpolate", "interpolation.png", 2),
+                                                 ("forward", "forward.png", 2)])
+def test_sample_modes_write_their_strip(trained_run, tmp_path, mode, name, grid_rows):
+    out = tmp_path / mode
+    proc = _run("difflab.cli.sample", f"ckpt={trained_run / 'checkpoints' / 'ema.pt'}", f"mode={mode}",
+                f"n={grid_rows}", "columns=5", "sampler=ddim", "sampler.steps=10", f"hydra.run.dir={out}",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    image = np.asarray(Image.open(out / name))
+    cols = 3 if mode == "inversion" else 5
+    rows = grid_rows
+    assert image.shape[:2] == (2 + rows * 10, 2 + cols * 10)  # 8x8 images with 2px padding
+    if mode == "inversion":
+        assert "reconstruction MSE" in proc.stdout
+
+
+def test_trajectory_gif_has_one_frame_per_step(trained_run, tmp_path):
+    out = tmp_path / "traj"
+    proc = _run("difflab.cli.sample", f"ckpt={trained_run / 'checkpoints' / 'ema.pt'}", "n=4", "trajectory=true",
+                "sampler=ddim", "sampler.steps=6", "progress=false", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert Image.open(out / "trajectory.gif").n_frames == 6

@@ -1,6 +1,7 @@
 """difflab-sample: images from a trained run, as a PNG grid and an .npz of samples.
 
     difflab-sample ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt n=64 sampler=ddim sampler.steps=50
+    difflab-sample ckpt=<conditional run>/checkpoints/ema.pt class_label=7 guidance.scale=3
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
-from difflab.cli import _hydra, schema
+from difflab.cli import _hydra, sample_modes, schema
 from difflab.diffusion.denoiser import Denoiser
+from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.training.callbacks import save_grid
 from difflab.training.checkpoint import CheckpointError, load_network_weights
 
@@ -26,19 +28,36 @@ log = logging.getLogger("difflab.sample")
 _hydra.setup()
 
 
-def load_denoiser(ckpt: str, device: torch.device) -> tuple[Denoiser, torch.nn.Module, dict]:
-    """Rebuild the network and schedule a checkpoint was trained with and load its weights."""
-    run_config, weights = load_network_weights(ckpt)
+def build_denoiser(run_config: dict, weights: dict, device: torch.device, guidance_scale: float | None = None
+                   ) -> tuple[Denoiser, torch.nn.Module]:
+    """Rebuild the network and schedule of a checkpoint (from `load_network_weights`) and
+    load its weights; with a guidance scale, wrap the network in classifier-free guidance."""
     net = instantiate(run_config["model"], _convert_="all")
     try:
         net.load_state_dict(weights)
     except RuntimeError as error:
-        raise CheckpointError(f"{ckpt}: the weights do not fit the network its own config describes "
+        raise CheckpointError("the checkpoint's weights do not fit the network its own config describes "
                               f"({str(error).splitlines()[0]}). The file may be damaged.") from error
     schedule = instantiate(run_config["schedule"])
     net.to(device).eval()
     schedule.to(device)
-    return Denoiser(net, schedule, run_config["objective"]["prediction"]), schedule, run_config
+    guided = net if guidance_scale is None else ClassifierFreeGuidance(net, net.num_classes, guidance_scale)
+    return Denoiser(guided, schedule, run_config["objective"]["prediction"]), schedule
+
+
+def class_labels(cfg: DictConfig, num_classes: int | None, nrow: int) -> torch.Tensor | None:
+    """`class_label` for every image, else one class per grid row; None if unconditional."""
+    if num_classes is None:
+        if cfg.class_label is not None:
+            raise schema.ConfigError(f"class_label={cfg.class_label} but {cfg.ckpt} is an unconditional "
+                                     "model; drop class_label (or train with model.num_classes=N).")
+        return None
+    if cfg.class_label is not None:
+        if not 0 <= cfg.class_label < num_classes:
+            raise schema.ConfigError(f"class_label={cfg.class_label} is not allowed: expected an integer "
+                                     f"in [0, {num_classes - 1}] for this model.")
+        return torch.full((cfg.n,), cfg.class_label, dtype=torch.long)
+    return (torch.arange(cfg.n) // nrow) % num_classes
 
 
 def pick_device(name: str) -> torch.device:
@@ -50,35 +69,74 @@ def pick_device(name: str) -> torch.device:
 def sample(cfg: DictConfig) -> dict[str, Path]:
     OmegaConf.to_object(cfg).validate()
     device = pick_device(cfg.device)
-    denoiser, schedule, run_config = load_denoiser(cfg.ckpt, device)
-    sampler = instantiate(cfg.sampler if cfg.sampler is not None else run_config["sampler"])
+    run_config, weights = load_network_weights(cfg.ckpt)
     model = run_config["model"]
+    nrow = cfg.nrow or max(1, round(math.sqrt(cfg.n)))
+    labels = class_labels(cfg, model.get("num_classes"), nrow)
+    scale = cfg.guidance.scale if cfg.guidance.scale is not None else run_config.get("guidance", {}).get("scale")
+    if scale is not None and model.get("num_classes") is None:
+        if cfg.guidance.scale is not None:
+            raise schema.ConfigError(f"guidance.scale={scale} needs a class-conditional model; "
+                                     f"{cfg.ckpt} is unconditional. Drop guidance.scale.")
+        scale = None
+    denoiser, schedule = build_denoiser(run_config, weights, device, scale if labels is not None else None)
+    sampler = instantiate(cfg.sampler if cfg.sampler is not None else run_config["sampler"])
     shape = (model["in_channels"], model["image_size"], model["image_size"])
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    chunks = []
+    out = Path(cfg.paths.output_dir)
+    if cfg.mode != "sample":
+        return run_mode(cfg, denoiser, schedule, sampler, run_config, shape, generator, labels, out)
+    chunks, trajectory = [], []
     batches = range(0, cfg.n, cfg.batch_size)
     for start in track(batches, description="sampling", disable=not cfg.progress or len(batches) < 2):
         size = min(cfg.batch_size, cfg.n - start)
+        cond = None if labels is None else labels[start:start + size].to(device)
         with torch.no_grad():
-            chunks.append(sampler.sample(denoiser, schedule, (size, *shape), generator=generator,
-                                         progress=cfg.progress and len(batches) == 1).cpu())
+            result = sampler.sample(denoiser, schedule, (size, *shape), cond=cond, generator=generator,
+                                    progress=cfg.progress and len(batches) == 1,
+                                    return_trajectory=cfg.trajectory and start == 0)
+        if cfg.trajectory and start == 0:
+            result, trajectory = result
+        chunks.append(result.cpu())
     images = torch.cat(chunks)
-    out = Path(cfg.paths.output_dir)
-    nrow = cfg.nrow or max(1, round(math.sqrt(cfg.n)))
     grid_path, npz_path = out / "samples.png", out / "samples.npz"
     save_grid(images, grid_path, nrow=nrow)
     uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.savez_compressed(npz_path, images=uint8)
-    log.info("wrote %s and %s", grid_path, npz_path)
-    print(f"grid: {grid_path}\nsamples: {npz_path} ({len(uint8)} images, uint8 NHWC)")
-    return {"grid": grid_path, "npz": npz_path}
+    extra = {} if labels is None else {"labels": labels.numpy()}
+    np.savez_compressed(npz_path, images=uint8, **extra)
+    written = {"grid": grid_path, "npz": npz_path}
+    if trajectory:
+        written["trajectory"] = out / "trajectory.gif"
+        sample_modes.trajectory_gif(trajectory, nrow, written["trajectory"])
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return written
+
+
+@torch.no_grad()
+def run_mode(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, sampler, run_config: dict,
+             shape: tuple, generator: torch.Generator, labels, out: Path) -> dict[str, Path]:
+    """mode=inversion | interpolate | forward: one strip image each (see sample_modes)."""
+    rows = min(cfg.n, 16)
+    if cfg.mode == "inversion":
+        stats = sample_modes.inversion(denoiser, schedule, sampler, run_config, rows, out)
+        print(f"DDIM inversion with {stats['steps']} steps: reconstruction MSE {stats['reconstruction_mse']:.5f}")
+        path = out / "inversion.png"
+    elif cfg.mode == "interpolate":
+        sample_modes.interpolation(denoiser, schedule, sampler, shape, rows, cfg.columns, generator, out, labels)
+        path = out / "interpolation.png"
+    else:
+        sample_modes.forward_process(schedule, run_config, rows, cfg.columns, generator, out)
+        path = out / "forward.png"
+    print(f"{cfg.mode}: {path}")
+    return {cfg.mode: path}
 
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="sample")
 def main(cfg: DictConfig) -> None:
     try:
         sample(cfg)
-    except (schema.ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (schema.ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
         log.error("%s", error)
         sys.exit(f"difflab-sample: {error}")
 

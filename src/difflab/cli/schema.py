@@ -263,11 +263,20 @@ class SampleConfig:
     device: str = "auto"
     progress: bool = True
     task_name: str = "sample"
+    class_label: Optional[int] = None
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    mode: str = "sample"
+    trajectory: bool = False
+    columns: int = 9
 
     def validate(self, key: str = "") -> None:
         _check(self.n >= 1, "n", self.n, "an integer >= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _check(self.nrow is None or self.nrow >= 1, "nrow", self.nrow, "null or an integer >= 1")
+        self.guidance.validate("guidance")
+        _check(self.mode in ("sample", "inversion", "interpolate", "forward"), "mode", self.mode,
+               "sample, inversion, interpolate or forward")
+        _check(self.columns >= 2, "columns", self.columns, "an integer >= 2")
 
 
 def register() -> None:
