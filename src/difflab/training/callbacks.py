@@ -41,37 +41,50 @@ def log_image(trainer: "pl.Trainer", key: str, grid: torch.Tensor) -> None:
             experiment.add_image(key, grid, global_step=trainer.global_step)
 
 
-class SampleGrid(Callback):
-    """Every `every_n_epochs` epochs, sample a grid with the EMA weights from the same fixed
-    noise (seeded generator), save it as `<dirpath>/epoch_XXXX.png` (XXXX: the epoch just
-    finished, from 0) and send it to the loggers. If training ends anywhere else (max_time,
-    max_steps, an epoch count that is not a multiple), one more grid goes to `final.png`."""
+class EveryNEpochs(Callback):
+    """Base for work done every `every_n_epochs` epochs and once more at the end of fit if
+    the last epoch-end did not already do it (max_time, max_steps, a non-multiple epoch
+    count). Subclasses implement `run(trainer, pl_module, tag)`, tag being `epoch_XXXX`
+    (the epoch just finished, from 0) or `final`; never twice for the same step."""
+
+    def __init__(self, every_n_epochs: int) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"{type(self).__name__} every_n_epochs={every_n_epochs} must be >= 1.")
+        self.every_n_epochs = every_n_epochs
+        self._done_step: Optional[int] = None
+
+    def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
+        raise NotImplementedError
+
+    def _maybe_run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
+        if trainer.sanity_checking or trainer.global_step == 0 or self._done_step == trainer.global_step:
+            return
+        self._done_step = trainer.global_step
+        self.run(trainer, pl_module, tag)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._maybe_run(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}")
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._maybe_run(trainer, pl_module, "final")
+
+
+class SampleGrid(EveryNEpochs):
+    """Sample a grid with the EMA weights from the same fixed noise (seeded generator) every
+    `every_n_epochs` epochs, save it as `<dirpath>/epoch_XXXX.png` (or `final.png`, see
+    `EveryNEpochs`) and send it to the loggers. Conditional networks get one class per row."""
 
     def __init__(self, every_n_epochs: int = 10, num_samples: int = 64, nrow: int = 8, seed: int = 1234,
                  dirpath: str = "samples") -> None:
-        if every_n_epochs < 1 or num_samples < 1 or nrow < 1:
-            raise ValueError("SampleGrid needs every_n_epochs, num_samples and nrow >= 1.")
-        self.every_n_epochs = every_n_epochs
+        super().__init__(every_n_epochs)
+        if num_samples < 1 or nrow < 1:
+            raise ValueError("SampleGrid needs num_samples and nrow >= 1.")
         self.num_samples = num_samples
         self.nrow = nrow
         self.seed = seed
         self.dirpath = Path(dirpath)
-        self._last_step: Optional[int] = None
         self.paths: list[Path] = []
-
-    def _sample_and_save(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, name: str) -> None:
-        if trainer.sanity_checking or self._last_step == trainer.global_step:
-            return
-        self._last_step = trainer.global_step
-        if not trainer.is_global_zero:
-            return
-        module = ema_module(trainer, pl_module)
-        generator = torch.Generator(module.device).manual_seed(self.seed)
-        images = module.sample(self.num_samples, generator=generator, cond=self.labels(module))
-        path = self.dirpath / name
-        grid = save_grid(images, path, nrow=self.nrow)
-        self.paths.append(path)
-        log_image(trainer, "samples", grid)
 
     def labels(self, module: pl.LightningModule) -> Optional[torch.Tensor]:
         """For a class-conditional network, one class per grid row (0, 1, ..., wrapping)."""
@@ -80,12 +93,16 @@ class SampleGrid(Callback):
             return None
         return (torch.arange(self.num_samples, device=module.device) // self.nrow) % num_classes
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._sample_and_save(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}.png")
-
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
-        self._sample_and_save(trainer, pl_module, "final.png")
+    def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        module = ema_module(trainer, pl_module)
+        generator = torch.Generator(module.device).manual_seed(self.seed)
+        images = module.sample(self.num_samples, generator=generator, cond=self.labels(module))
+        path = self.dirpath / f"{tag}.png"
+        grid = save_grid(images, path, nrow=self.nrow)
+        self.paths.append(path)
+        log_image(trainer, "samples", grid)
 
 
 def ema_payload(module: pl.LightningModule, trainer: Optional["pl.Trainer"] = None) -> dict[str, Any]:
@@ -99,16 +116,16 @@ def ema_payload(module: pl.LightningModule, trainer: Optional["pl.Trainer"] = No
     }
 
 
-class ExportEMA(Callback):
+class ExportEMA(EveryNEpochs):
     """Write the EMA network weights (and the config that rebuilds the network) to `path`
     every `every_n_epochs` epochs and at the end of training; rank 0 only; atomic rename,
     so an interrupted write never leaves a broken file."""
 
     def __init__(self, path: str = "checkpoints/ema.pt", every_n_epochs: int = 10) -> None:
+        super().__init__(every_n_epochs)
         self.path = Path(path)
-        self.every_n_epochs = every_n_epochs
 
-    def _export(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+    def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
         if not trainer.is_global_zero:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,15 +133,8 @@ class ExportEMA(Callback):
         torch.save(ema_payload(ema_module(trainer, pl_module), trainer), tmp)
         tmp.replace(self.path)
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._export(trainer, pl_module)
 
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
-        self._export(trainer, pl_module)
-
-
-class LastCheckpoint(Callback):
+class LastCheckpoint(EveryNEpochs):
     """Keep `<dirpath>/last.ckpt` current: every `every_n_epochs` epochs and at the end of
     fit, whatever ended it (max_epochs, max_steps, max_time).
 
@@ -136,29 +146,16 @@ class LastCheckpoint(Callback):
     """
 
     def __init__(self, dirpath: str = "checkpoints", every_n_epochs: int = 5) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"LastCheckpoint every_n_epochs={every_n_epochs} must be >= 1.")
+        super().__init__(every_n_epochs)
         self.dirpath = Path(dirpath)
-        self.every_n_epochs = every_n_epochs
-        self._saved_step: Optional[int] = None
 
     @property
     def path(self) -> Path:
         return self.dirpath / "last.ckpt"
 
-    def _save(self, trainer: "pl.Trainer") -> None:
-        if trainer.sanity_checking or self._saved_step == trainer.global_step or trainer.global_step == 0:
-            return
+    def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
         tmp = self.dirpath / f".last.ckpt.tmp{os.getpid()}"
         trainer.save_checkpoint(tmp)  # every rank takes part; the strategy writes on rank 0
         if trainer.is_global_zero:
             tmp.replace(self.path)
         trainer.strategy.barrier("difflab_last_checkpoint")
-        self._saved_step = trainer.global_step
-
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._save(trainer)
-
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
-        self._save(trainer)
