@@ -154,13 +154,13 @@ def test_bad_spacing_and_sampler_settings():
 
 
 def test_build_sampler_registry():
-    assert set(SAMPLERS) == {"ddpm", "ddim"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "heun", "dpmpp", "pc"}
     sampler = build_sampler("ddim", steps=20, eta=0.5)
     assert isinstance(sampler, DDIMSampler) and isinstance(sampler, Sampler)
     assert sampler.steps == 20 and sampler.eta == 0.5
     assert isinstance(build_sampler("ddpm", variance="beta"), DDPMSampler)
-    with pytest.raises(ValueError, match="'euler'.*ddim, ddpm"):
-        build_sampler("euler")
+    with pytest.raises(ValueError, match="'lms'.*ddim, ddpm, dpmpp, euler, heun, pc"):
+        build_sampler("lms")
 
 
 def test_exactly_one_of_shape_and_x_T():

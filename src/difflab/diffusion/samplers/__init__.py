@@ -1,14 +1,26 @@
-"""Discrete-time samplers: one module per family, one registry to build them by name."""
+"""Samplers: one module per family, one registry to build them by name.
+
+Discrete-time (integer timesteps from ``timesteps``): ``ddpm``, ``ddim``, ``pc``
+(predictor-corrector with a Langevin corrector). Sigma space (``..sigma``): ``euler`` and
+``heun`` (EDM), ``dpmpp`` (DPM-Solver++ 2M on the discrete timestep grid).
+"""
 
 from __future__ import annotations
 
 from .base import SPACINGS, Sampler, timesteps
 from .ddim import DDIMSampler, ddim_invert
 from .ddpm import DDPMSampler
+from .dpm_solver import DPMSolverPPSampler
+from .karras import EulerSampler, HeunSampler, KarrasSampler, SigmaSampler
+from .langevin import PREDICTORS, LangevinSampler, PCSampler, langevin_correct
 
 SAMPLERS: dict[str, type[Sampler]] = {
     "ddpm": DDPMSampler,
     "ddim": DDIMSampler,
+    "euler": EulerSampler,
+    "heun": HeunSampler,
+    "dpmpp": DPMSolverPPSampler,
+    "pc": PCSampler,
 }
 
 
@@ -20,12 +32,21 @@ def build_sampler(name: str, **kwargs) -> Sampler:
 
 
 __all__ = [
+    "PREDICTORS",
     "SAMPLERS",
     "SPACINGS",
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverPPSampler",
+    "EulerSampler",
+    "HeunSampler",
+    "KarrasSampler",
+    "LangevinSampler",
+    "PCSampler",
     "Sampler",
+    "SigmaSampler",
     "build_sampler",
     "ddim_invert",
+    "langevin_correct",
     "timesteps",
 ]
