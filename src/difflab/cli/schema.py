@@ -153,6 +153,43 @@ class DDIMSamplerConfig:
 
 
 @dataclass
+class KarrasSamplerConfig:
+    """Euler / Heun (EDM); the sampler's constructor checks the values (see validate)."""
+    _target_: str = "difflab.diffusion.samplers.HeunSampler"
+    steps: int = 18
+    rho: float = 7.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
+    clip_denoised: bool = False
+
+
+@dataclass
+class DPMSolverConfig:
+    _target_: str = "difflab.diffusion.samplers.DPMSolverPPSampler"
+    steps: int = 20
+    order: int = 2
+    lower_order_final: bool = True
+    spacing: str = "logsnr"
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
+    clip_denoised: bool = False
+
+
+@dataclass
+class PCSamplerConfig:
+    _target_: str = "difflab.diffusion.samplers.PCSampler"
+    steps: int = 1000
+    corrector_steps: int = 1
+    snr: float = 0.16
+    predictor: str = "reverse_diffusion"
+    spacing: str = "leading"
+
+
+@dataclass
 class GuidanceConfig:
     scale: Optional[float] = None
 
@@ -290,6 +327,9 @@ def register() -> None:
     cs.store(group="objective", name="schema", node=ObjectiveConfig)
     cs.store(group="sampler", name="ddpm_schema", node=DDPMSamplerConfig)
     cs.store(group="sampler", name="ddim_schema", node=DDIMSamplerConfig)
+    cs.store(group="sampler", name="karras_schema", node=KarrasSamplerConfig)
+    cs.store(group="sampler", name="dpmpp_schema", node=DPMSolverConfig)
+    cs.store(group="sampler", name="pc_schema", node=PCSamplerConfig)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="guidance", name="schema", node=GuidanceConfig)
     cs.store(group="paths", name="schema", node=PathsConfig)
@@ -312,3 +352,21 @@ def validate(cfg: DictConfig) -> None:
     sampler = obj(cfg.sampler)
     if hasattr(sampler, "validate"):
         sampler.validate("sampler", schedule)
+    check_sampler(cfg.sampler, schedule.num_timesteps)
+
+
+def check_sampler(node: Any, num_timesteps: int) -> None:
+    """Build the sampler once: its constructor checks its own knobs (and names them); the
+    step count of a discrete-time sampler must also fit the schedule's T."""
+    from hydra.utils import instantiate  # the CLI layer owns Hydra
+
+    try:
+        sampler = instantiate(node)
+    except Exception as error:  # noqa: BLE001 - Hydra wraps the constructor's ValueError
+        cause = error.__cause__ or error
+        raise ConfigError(f"sampler: {cause}") from error
+    steps = getattr(sampler, "steps", None)
+    discrete = hasattr(sampler, "spacing") and getattr(sampler, "spacing") in ("leading", "trailing", "linspace")
+    if discrete and steps is not None and not 1 <= steps <= num_timesteps:
+        raise ConfigError(f"sampler.steps={steps} is not allowed: expected an integer in "
+                          f"[1, schedule.num_timesteps={num_timesteps}].")
