@@ -90,6 +90,11 @@ class Sampler(abc.ABC):
         ``last`` marks the final step, which lands on alpha_bar = 1 and adds no noise.
         """
 
+    def after_step(self, denoiser: Denoiser, x: torch.Tensor, t: int, *, cond: Any = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Hook after every step but the last, with x now at timestep ``t`` (e.g. a corrector)."""
+        return x
+
     @torch.no_grad()
     def sample(
         self,
@@ -121,20 +126,23 @@ class Sampler(abc.ABC):
         prev = torch.cat([ts[1:], ts.new_full((1,), -1)])
         alpha_bar_t = schedule.alpha_bar_at(ts).double().tolist()
         alpha_bar_prev = schedule.alpha_bar_at(prev).double().tolist()
-        ts_list = ts.tolist()
+        ts_list, prev_list = ts.tolist(), prev.tolist()
         trajectory: list[torch.Tensor] = []
         description = f"{type(self).__name__} ({len(ts_list)} steps)"
         for i in _track(range(len(ts_list)), description, progress):
+            last = i == len(ts_list) - 1
             x = self.step(
                 denoiser,
                 x,
                 ts_list[i],
                 alpha_bar_t[i],
                 alpha_bar_prev[i],
-                last=i == len(ts_list) - 1,
+                last=last,
                 cond=cond,
                 generator=generator,
             )
+            if not last:
+                x = self.after_step(denoiser, x, prev_list[i], cond=cond, generator=generator)
             if return_trajectory:
                 trajectory.append(x.detach().cpu())
         return (x, trajectory) if return_trajectory else x

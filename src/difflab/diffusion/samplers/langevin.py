@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 from ..denoiser import Denoiser
 from ..process import score_from_eps
 from ..schedule import NoiseSchedule
-from .base import Sampler, _track, check_spacing, check_steps, timesteps
+from .base import Sampler, check_spacing, check_steps, timesteps
 from .karras import check_number
 
 PREDICTORS = ("reverse_diffusion", "ancestral")
@@ -130,43 +129,13 @@ class PCSampler(Sampler):
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x + math.sqrt(beta) * noise
 
-    @torch.no_grad()
-    def sample(
-        self,
-        denoiser: Denoiser,
-        schedule: NoiseSchedule,
-        shape: Sequence[int] | None = None,
-        *,
-        x_T: torch.Tensor | None = None,
-        cond: Any = None,
-        generator: torch.Generator | None = None,
-        return_trajectory: bool = False,
-        progress: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Alg. 1: predictor then corrector per step; arguments as ``Sampler.sample``."""
-        if (shape is None) == (x_T is None):
-            raise ValueError("give exactly one of `shape` and `x_T`")
-        device = schedule.device
-        x = torch.randn(tuple(shape), generator=generator, device=device) if x_T is None else x_T.to(device)
-        ts = self.timesteps_for(schedule)
-        prev = torch.cat([ts[1:], ts.new_full((1,), -1)])
-        alpha_bar_t = schedule.alpha_bar_at(ts).double().tolist()
-        alpha_bar_prev = schedule.alpha_bar_at(prev).double().tolist()
-        ts_list, prev_list = ts.tolist(), prev.tolist()
-        trajectory: list[torch.Tensor] = []
-        description = f"{type(self).__name__} ({len(ts_list)} steps)"
-        for i in _track(range(len(ts_list)), description, progress):
-            last = i == len(ts_list) - 1
-            x = self.step(
-                denoiser, x, ts_list[i], alpha_bar_t[i], alpha_bar_prev[i], last=last, cond=cond, generator=generator
-            )
-            if not last and self.corrector_steps:
-                x = langevin_correct(
-                    denoiser, x, prev_list[i], snr=self.snr, steps=self.corrector_steps, cond=cond, generator=generator
-                )
-            if return_trajectory:
-                trajectory.append(x.detach().cpu())
-        return (x, trajectory) if return_trajectory else x
+    def after_step(self, denoiser: Denoiser, x: torch.Tensor, t: int, *, cond: Any = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Alg. 1's corrector: Langevin steps at the timestep the predictor just reached."""
+        if not self.corrector_steps:
+            return x
+        return langevin_correct(denoiser, x, t, snr=self.snr, steps=self.corrector_steps, cond=cond,
+                                generator=generator)
 
 
 LangevinSampler = PCSampler  # the name used in the score-SDE literature for the same sampler
