@@ -27,9 +27,9 @@ log = logging.getLogger("difflab.train")
 _hydra.setup()
 
 
-def _instantiate_all(nodes: DictConfig | None, group: str) -> list[Any]:
+def _instantiate_all(nodes: DictConfig | None) -> list[Any]:
     """Instantiate each `_target_` node of a dict-valued group; null entries switch one off."""
-    return [instantiate(node) for name, node in (nodes or {}).items() if node is not None]
+    return [instantiate(node) for node in (nodes or {}).values() if node is not None]
 
 
 def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.Trainer]:
@@ -50,8 +50,8 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
         p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
         run_config=_hydra.plain(cfg),
     )
-    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks, "callbacks"),
-                          logger=_instantiate_all(cfg.logger, "logger") or False)
+    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks),
+                          logger=_instantiate_all(cfg.logger) or False)
     return module, datamodule, trainer
 
 
