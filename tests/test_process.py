@@ -16,13 +16,7 @@ from difflab.diffusion.process import (
 from difflab.diffusion.schedule import NoiseSchedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_q_sample_empirical_mean_and_variance():

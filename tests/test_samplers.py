@@ -34,13 +34,7 @@ MEAN_TOL, STD_TOL = 0.03, 0.04
 CHAIN_TOL = 0.02
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors, 1000 steps: intra-op threads only add contention on a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def seeded(seed: int) -> torch.Generator:

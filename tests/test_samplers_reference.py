@@ -62,12 +62,7 @@ T = 1000
 BATCH = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 SCHEDULES = {kind: NoiseSchedule(kind, num_timesteps=T) for kind in ("linear", "cosine")}

@@ -51,12 +51,7 @@ MEAN_TOL, COV_TOL, WEIGHT_TOL = 0.05, 0.16, 0.02
 ODE_TOL = {"euler": 0.025, "heun": 0.04, "dpm++": 0.02}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
