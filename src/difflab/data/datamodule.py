@@ -88,6 +88,7 @@ class ImageDataModule(L.LightningDataModule):
         _check_arguments(image_size, channels, batch_size, eval_batch_size, val_fraction, num_workers)
         self.save_hyperparameters()
         self.name = name
+        self.path = path
         self.data_dir = data_dir
         self.download = download
         self.batch_size = batch_size
