@@ -25,3 +25,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def difflab_cache(tmp_path_factory):
+    """Domain classifiers and reference features go to a per-session cache, never the repo's
+    `.cache`; subprocess runs inherit it through DIFFLAB_CACHE."""
+    path = tmp_path_factory.getbasetemp() / "difflab-cache"
+    previous = os.environ.get("DIFFLAB_CACHE")
+    os.environ["DIFFLAB_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("DIFFLAB_CACHE", None)
+    else:
+        os.environ["DIFFLAB_CACHE"] = previous

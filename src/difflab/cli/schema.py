@@ -261,6 +261,7 @@ class PathsConfig:
     root_dir: str = MISSING
     data_dir: str = MISSING
     log_dir: str = MISSING
+    cache_dir: str = MISSING
     output_dir: str = MISSING
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -103,6 +104,13 @@ def train_domain_classifier(train_images: torch.Tensor, train_labels: torch.Tens
                             ) -> tuple[DomainClassifier, float]:
     """Train on the training split (seeded: the same weights every time on one machine) and
     return the classifier in eval mode with its validation accuracy."""
+    with torch.enable_grad():  # callers may sit in no_grad (callbacks, evaluation)
+        return _train(train_images, train_labels, val_images, val_labels, num_classes, config)
+
+
+def _train(train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
+           val_labels: torch.Tensor, num_classes: int, config: DomainClassifierConfig
+           ) -> tuple[DomainClassifier, float]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = DomainClassifier(train_images.shape[1], num_classes, config.width, config.feature_dim)
@@ -192,7 +200,7 @@ def domain_extractor(datamodule: Any, cache_dir: str | Path, config: DomainClass
         payload = {"format": FORMAT, "key": key, "val_accuracy": val_accuracy,
                    "state_dict": classifier.state_dict()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(payload, tmp)
         tmp.replace(path)
         log.info("domain classifier: validation accuracy %.4f", val_accuracy)
