@@ -317,11 +317,63 @@ class SampleConfig:
         _check(self.columns >= 2, "columns", self.columns, "an integer >= 2")
 
 
+@dataclass
+class MetricsConfig:
+    extractor: str = "domain"
+    inception_weights: Optional[str] = None
+    ref_split: str = "train"
+    ref_n: Optional[int] = None
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    pr_k: int = 3
+    domain_steps: int = 200
+    min_domain_accuracy: Optional[float] = None
+
+    def validate(self, key: str) -> None:
+        _check(self.extractor in ("domain", "inception"), f"{key}.extractor", self.extractor, "domain or inception")
+        _check(self.ref_split in ("train", "val"), f"{key}.ref_split", self.ref_split, "train or val")
+        _check(self.ref_n is None or self.ref_n >= 2, f"{key}.ref_n", self.ref_n, "null or an integer >= 2")
+        _check(self.kid_subsets >= 1, f"{key}.kid_subsets", self.kid_subsets, "an integer >= 1")
+        _check(self.kid_subset_size >= 2, f"{key}.kid_subset_size", self.kid_subset_size, "an integer >= 2")
+        _check(self.pr_k >= 1, f"{key}.pr_k", self.pr_k, "an integer >= 1")
+        _check(self.domain_steps >= 1, f"{key}.domain_steps", self.domain_steps, "an integer >= 1")
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = MISSING
+    paths: PathsConfig = MISSING
+    task_name: str = "evaluate"
+    n: int = 500
+    batch_size: int = 250
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    samplers: list[str] = field(default_factory=lambda: ["ddim", "dpmpp"])
+    steps: list[int] = field(default_factory=lambda: [10, 25, 50])
+    guidance_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 3.0])
+    grid_images: int = 64
+    real_baseline: bool = True
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self, key: str = "") -> None:
+        _check(self.n >= 4, "n", self.n, "an integer >= 4")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(len(self.samplers) >= 1, "samplers", self.samplers, "a non-empty list of conf/sampler/ names")
+        _check(len(self.steps) >= 1 and all(s >= 1 for s in self.steps), "steps", self.steps,
+               "a non-empty list of integers >= 1")
+        _check(all(g >= 0 for g in self.guidance_scales), "guidance_scales", self.guidance_scales,
+               "a list of numbers >= 0")
+        _check(self.grid_images >= 0, "grid_images", self.grid_images, "an integer >= 0")
+        self.metrics.validate("metrics")
+
+
 def register() -> None:
     """Put the schemas where the YAML options' defaults lists find them."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="model", name="unet_schema", node=UNetConfig)
     cs.store(group="schedule", name="schema", node=ScheduleConfig)

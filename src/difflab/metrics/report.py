@@ -1,0 +1,88 @@
+"""Evaluation results as files: CSV, a markdown table, and plots (metric vs NFE, vs guidance)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+ROW_KEYS = ("sampler", "steps", "nfe", "guidance_scale")
+MARKDOWN_COLUMNS = ("sampler", "steps", "nfe", "guidance_scale", "fid", "kid", "precision", "recall", "is",
+                    "class_coverage", "class_accuracy", "seconds")
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One row per grid cell; columns are the union of the rows' keys, in first-seen order."""
+    path = Path(path)
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = MARKDOWN_COLUMNS) -> str:
+    """A GitHub markdown table of the columns present in at least one row."""
+    present = [c for c in columns if any(c in row for row in rows)]
+    lines = ["| " + " | ".join(present) + " |", "|" + "|".join("---" for _ in present) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in present) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _series(rows: Sequence[dict[str, Any]], group_by: Sequence[str], x: str) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        label = ", ".join(f"{k}={row[k]}" if k != "sampler" else str(row[k]) for k in group_by
+                          if row.get(k) is not None)
+        groups.setdefault(label or "all", []).append(row)
+    return {label: sorted(points, key=lambda r: r[x]) for label, points in groups.items()}
+
+
+def plot_metrics(rows: Sequence[dict[str, Any]], path: str | Path, x: str, metrics: Sequence[str],
+                 group_by: Sequence[str], log_x: bool = False, title: str = "",
+                 baseline: dict[str, Any] | None = None) -> Path | None:
+    """One panel per metric (those present), one line per group, and the `baseline` row
+    (real images) as a dashed line; None if there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    metrics = [m for m in metrics if any(row.get(m) is not None for row in rows)]
+    if not metrics or len({row[x] for row in rows}) < 2:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for label, points in _series(rows, group_by, x).items():
+            ax.plot([p[x] for p in points], [p.get(metric) for p in points], marker="o", label=label)
+        if baseline is not None and baseline.get(metric) is not None:
+            ax.axhline(baseline[metric], color="gray", linestyle="--", label="real images")
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric)
+        if log_x:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({row[x] for row in rows}))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
