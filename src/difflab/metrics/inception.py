@@ -76,10 +76,15 @@ def _load_error(error: BaseException) -> str:
     return _first_line(error)
 
 
+# Where to put a downloaded weights file, in every message.
+HOW_TO = ("pass metrics.inception_weights=/path/to/file.pth (difflab-evaluate; callbacks.fid.inception_weights "
+          "in training), or use the offline extractor=domain.")
+
+
 def _not_inception(path: Path, detail: str) -> ExtractorUnavailableError:
     return ExtractorUnavailableError(
         f"{path} is not Inception-v3 weights for torch-fidelity ({detail}). Download {WEIGHTS_URL} "
-        f"and pass metrics.inception_weights=/path/to/file.pth, or use the offline extractor=domain."
+        f"and {HOW_TO}"
     )
 
 
@@ -108,7 +113,7 @@ def _download_state_dict() -> Mapping[str, torch.Tensor]:
         raise ExtractorUnavailableError(
             f"Inception-v3 weights are needed for the standard FID protocol, but they could not be "
             f"downloaded ({_first_line(error)}). On a machine with network, download {WEIGHTS_URL} "
-            f"and pass metrics.inception_weights=/path/to/file.pth, or use the offline extractor=domain."
+            f"and {HOW_TO}"
         ) from error
     except Exception as error:  # downloaded, but torch.load rejected it
         raise _not_inception(_hub_cache_file(), _load_error(error)) from error
@@ -121,7 +126,7 @@ def _resolve_state_dict(weights_path: str | os.PathLike | None) -> tuple[Mapping
         if not path.is_file():
             raise ExtractorUnavailableError(
                 f"Inception-v3 weights file {path} does not exist. Download {WEIGHTS_URL} and pass "
-                f"metrics.inception_weights=/path/to/file.pth, or use the offline extractor=domain."
+                f"{HOW_TO[len('pass '):]}"
             )
         return _read_state_dict(path), path
     cached = _hub_cache_file()
