@@ -204,7 +204,8 @@ def domain_extractor(datamodule: Any, cache_dir: str | Path, config: DomainClass
         torch.save(payload, tmp)
         tmp.replace(path)
         log.info("domain classifier: validation accuracy %.4f", val_accuracy)
-    classifier = DomainClassifier(key["channels"], key["num_classes"], config.width, config.feature_dim)
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the global RNG alone
+        classifier = DomainClassifier(key["channels"], key["num_classes"], config.width, config.feature_dim)
     classifier.load_state_dict(payload["state_dict"])
     if min_accuracy is not None and not payload["val_accuracy"] >= min_accuracy:
         raise ExtractorUnavailableError(

@@ -52,7 +52,7 @@ def reference_features(extractor: Callable[[torch.Tensor], Features], datamodule
     if features is None:
         log.info("computing reference features of %d %s images of %s with %s", n, split, datamodule.name,
                  extractor.name)
-        features = Features.cat([extractor(images[i:i + batch_size]) for i in range(0, n, batch_size)])
+        features = Features.cat([extractor(images[i:min(i + batch_size, n)]) for i in range(0, n, batch_size)])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"format": FORMAT, "key": key, "features": features.features, "logits": features.logits}, tmp)
