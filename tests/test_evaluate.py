@@ -44,10 +44,19 @@ def _compose(name, overrides):
 
 
 def _train(root, name, *extra):
+    """Train in process: the same composed config and `train()` the CLI runs, without paying
+    for a second interpreter's torch/Lightning import (the CLI path itself is covered by
+    test_cli.py). Lightning's seed variables are kept out of this process's environment."""
+    from difflab.cli.train import train
+
     run = root / name
-    proc = _run("difflab.cli.train", *TRAIN_ARGS, *extra, f"hydra.run.dir={run}", f"paths.root_dir={root}",
-                cwd=root)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run.mkdir()
+    cfg = _compose("train", [*TRAIN_ARGS, *extra, f"paths.output_dir={run}", f"paths.root_dir={root}"])
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+            patch.delenv(key, raising=False)  # restored (or removed again) on exit
+        metrics = train(cfg)
+    assert math.isfinite(metrics["eval/fid"])  # also in trainer.callback_metrics
     return run
 
 
