@@ -111,9 +111,6 @@ def test_default_config_has_the_fid_callback():
     assert cfg.callbacks.fid.num_samples >= 4
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug outside this module's files: digits_tiny's callbacks.fid/sample_grid overrides "
-                          "survive callbacks=none/minimal as nodes without _target_, passed to the Trainer as is")
 @pytest.mark.parametrize("override", ["debug=fast", "debug=profiler", "callbacks=minimal"])
 def test_digits_tiny_with_fid_switched_off_builds_only_real_callbacks(override, tmp_path):
     from lightning.pytorch.callbacks import Callback

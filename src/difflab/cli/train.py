@@ -28,8 +28,21 @@ _hydra.setup()
 
 
 def _instantiate_all(nodes: DictConfig | None) -> list[Any]:
-    """Instantiate each `_target_` node of a dict-valued group; null entries switch one off."""
-    return [instantiate(node) for node in (nodes or {}).values() if node is not None]
+    """Instantiate each `_target_` node of a dict-valued group; null entries switch one off.
+
+    An entry left without `_target_` is a callback switched off (e.g. by `debug=fast`) whose
+    knobs an experiment still sets: skipped, with a warning naming it.
+    """
+    built = []
+    for name, node in (nodes or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            log.warning("skipping %s: it only sets %s and has no _target_ (switched off by another "
+                        "config group?)", name, ", ".join(map(str, node.keys())))
+            continue
+        built.append(instantiate(node))
+    return built
 
 
 def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.Trainer]:
