@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.metrics.features import ExtractorUnavailableError, Features
+from difflab.metrics.features import ExtractorUnavailableError, Features, full_precision
 
 log = logging.getLogger("difflab.metrics")
-FORMAT = "difflab.domain/1"
+FORMAT = "difflab.domain/2"  # /2: trained and run in full float32 precision
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def train_domain_classifier(train_images: torch.Tensor, train_labels: torch.Tens
                             ) -> tuple[DomainClassifier, float]:
     """Train on the training split (seeded: the same weights every time on one machine) and
     return the classifier in eval mode with its validation accuracy."""
-    with torch.enable_grad():  # callers may sit in no_grad (callbacks, evaluation)
+    with torch.enable_grad(), full_precision():  # callers may sit in no_grad / autocast / bf16 matmuls
         return _train(train_images, train_labels, val_images, val_labels, num_classes, config)
 
 
@@ -154,10 +154,11 @@ class DomainExtractor(nn.Module):
         self.classifier.eval()
         device = next(self.classifier.parameters()).device
         parts = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size].to(device, torch.float32).clamp(-1, 1)
-            features, logits = self.classifier.features_and_logits(chunk)
-            parts.append(Features(features.float().cpu(), logits.float().cpu()))
+        with full_precision():
+            for start in range(0, len(images), self.batch_size):
+                chunk = images[start:start + self.batch_size].to(device, torch.float32).clamp(-1, 1)
+                features, logits = self.classifier.features_and_logits(chunk)
+                parts.append(Features(features.float().cpu(), logits.float().cpu()))
         return Features.cat(parts)
 
 

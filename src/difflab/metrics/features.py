@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import contextlib
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -32,3 +33,17 @@ class Features(NamedTuple):
 
     def subset(self, index: slice | torch.Tensor) -> "Features":
         return Features(self.features[index], None if self.logits is None else self.logits[index])
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Exact float32 inside, whatever the run set: `float32_matmul_precision=high` lets
+    matmuls and convolutions use bf16 / TF32, which would make a cached classifier and its
+    features depend on the run that happened to build them. No autocast either."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

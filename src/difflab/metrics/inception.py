@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import torch
 from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 
-from difflab.metrics.features import ExtractorUnavailableError, Features
+from difflab.metrics.features import ExtractorUnavailableError, Features, full_precision
 
 __all__ = ["ExtractorUnavailableError", "Features", "InceptionExtractor", "make_inception_weights"]
 
@@ -204,6 +204,10 @@ class InceptionExtractor(torch.nn.Module):
             raise ValueError(f"expected images of shape [N, 1 or 3, H, W], got {shape}")
         if not images.is_floating_point():
             raise ValueError(f"expected float images in [-1, 1], got dtype {images.dtype}")
+        with full_precision():
+            return self._extract(images)
+
+    def _extract(self, images: torch.Tensor) -> Features:
         features, logits = [], []
         for chunk in images.split(self.batch_size):
             pixels = self.to_uint8(chunk.detach()).to(self.device)
