@@ -396,6 +396,24 @@ def test_domain_extractor_trains_on_digits(digits, digits_cache, digits_extracto
     assert [p.name for p in (digits_cache / "extractors").iterdir()] == [f"{extractor.name}.pt"]
 
 
+def test_domain_extractor_ignores_the_callers_reduced_precision(digits, digits_extractor, tmp_path):
+    """Inside a bf16 run (autocast, float32_matmul_precision=high) the classifier trains and
+    extracts in exact float32: the same weights and features as outside."""
+    images = digits.split("val").images[:32]
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = domain_extractor(digits, tmp_path, DIGITS_CONFIG)
+            features = inside(images)
+        assert torch.get_float32_matmul_precision() == "medium"  # restored afterwards
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert_same_weights(state(inside), state(digits_extractor))
+    assert features.features.dtype == torch.float32
+    torch.testing.assert_close(features.features, digits_extractor(images).features, rtol=0, atol=0)
+
+
 def test_domain_extractor_loads_from_cache(digits, digits_cache, digits_extractor, monkeypatch):
     forbid_training(monkeypatch)
     rng_before = torch.random.get_rng_state()
