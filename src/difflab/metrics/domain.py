@@ -14,10 +14,7 @@ run), and cached on disk under `<cache_dir>/extractors/`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.metrics import cache
 from difflab.metrics.features import ExtractorUnavailableError, Features, full_precision
 
 log = logging.getLogger("difflab.metrics")
@@ -170,23 +168,6 @@ class DomainExtractor(nn.Module):
         return Features.cat(parts)
 
 
-def dataset_key(datamodule: Any) -> dict[str, Any]:
-    """What identifies a dataset's images and its train/val split (for cache keys)."""
-    return {
-        "dataset": datamodule.name,
-        "path": str(Path(datamodule.path).resolve()) if getattr(datamodule, "path", None) else None,
-        "image_size": datamodule.image_size,
-        "channels": datamodule.channels,
-        "val_fraction": datamodule.val_fraction,
-        "split_seed": datamodule.seed,
-    }
-
-
-def cache_name(prefix: str, key: dict[str, Any]) -> str:
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{prefix}-{key['dataset']}-{key['image_size']}px-{digest}"
-
-
 def domain_extractor(datamodule: Any, cache_dir: str | Path, config: DomainClassifierConfig = DomainClassifierConfig(),
                      device: str | torch.device = "cpu", min_accuracy: Optional[float] = None) -> DomainExtractor:
     """The domain extractor for a datamodule's dataset: loaded from the cache, or trained on
@@ -195,23 +176,19 @@ def domain_extractor(datamodule: Any, cache_dir: str | Path, config: DomainClass
         raise ExtractorUnavailableError(
             f"dataset {datamodule.name!r} has {datamodule.num_classes} class, and the domain extractor is a "
             "classifier: give the images one subfolder per class, or use extractor=inception")
-    key = {"format": FORMAT, **dataset_key(datamodule), "num_classes": datamodule.num_classes,
+    key = {"format": FORMAT, **cache.dataset_key(datamodule), "num_classes": datamodule.num_classes,
            **dataclasses.asdict(config)}
-    name = cache_name("domain", key)
+    name = cache.cache_name("domain", key)
     path = Path(cache_dir) / "extractors" / f"{name}.pt"
-    payload = _load_cached(path, key)
+    payload = cache.load(path, key, "domain classifier")
     if payload is None:
         train, val = datamodule.split("train"), datamodule.split("val")
         log.info("training the domain classifier for %s on %d images (cached at %s)", datamodule.name,
                  len(train.images), path)
         classifier, val_accuracy = train_domain_classifier(train.images, train.labels, val.images, val.labels,
                                                            datamodule.num_classes, config)
-        payload = {"format": FORMAT, "key": key, "val_accuracy": val_accuracy,
-                   "state_dict": classifier.state_dict()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        payload = {"val_accuracy": val_accuracy, "state_dict": classifier.state_dict()}
+        cache.save(path, key, **payload)
         log.info("domain classifier: validation accuracy %.4f", val_accuracy)
     with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the global RNG alone
         classifier = DomainClassifier(key["channels"], key["num_classes"], config.width, config.feature_dim)
@@ -219,20 +196,7 @@ def domain_extractor(datamodule: Any, cache_dir: str | Path, config: DomainClass
     if min_accuracy is not None and not payload["val_accuracy"] >= min_accuracy:
         raise ExtractorUnavailableError(
             f"the domain classifier for {datamodule.name!r} reaches {payload['val_accuracy']:.3f} validation "
-            f"accuracy, below the required {min_accuracy}: train it longer (metrics.domain.steps) or "
+            f"accuracy, below the required {min_accuracy}: train it longer (metrics.domain_steps) or "
             "use extractor=inception")
     return DomainExtractor(classifier.to(device), name, float(payload["val_accuracy"]))
 
-
-def _load_cached(path: Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
-    if not path.exists():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged cache file is retrained, never trusted
-        log.warning("ignoring unreadable domain classifier cache %s (%s); retraining", path, error)
-        return None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("key") != key:
-        log.warning("domain classifier cache %s is for another config; retraining", path)
-        return None
-    return payload

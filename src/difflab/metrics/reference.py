@@ -8,13 +8,12 @@ any of them computes new statistics instead of reusing stale ones.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from difflab.metrics.domain import cache_name, dataset_key
+from difflab.metrics import cache
 from difflab.metrics.features import Features
 from difflab.metrics.scores import fid_statistics
 
@@ -46,29 +45,14 @@ def reference_features(extractor: Callable[[torch.Tensor], Features], datamodule
         raise ValueError(f"reference statistics need 2..{len(images)} images of the {split} split, got n={n}")
     if n < MIN_REFERENCE:
         log.warning("reference statistics from only %d real images: FID/KID will be noisy", n)
-    key = {"format": FORMAT, **dataset_key(datamodule), "split": split, "n": n, "extractor": extractor.name}
-    path = Path(cache_dir) / "reference" / f"{cache_name('ref-' + split, key)}.pt"
-    features = _load_cached(path, key)
+    key = {"format": FORMAT, **cache.dataset_key(datamodule), "split": split, "n": n, "extractor": extractor.name}
+    path = Path(cache_dir) / "reference" / f"{cache.cache_name('ref-' + split, key)}.pt"
+    payload = cache.load(path, key, "reference features")
+    features = None if payload is None else Features(payload["features"], payload["logits"])
     if features is None:
         log.info("computing reference features of %d %s images of %s with %s", n, split, datamodule.name,
                  extractor.name)
         features = Features.cat([extractor(images[i:min(i + batch_size, n)]) for i in range(0, n, batch_size)])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"format": FORMAT, "key": key, "features": features.features, "logits": features.logits}, tmp)
-        tmp.replace(path)
+        cache.save(path, key, features=features.features, logits=features.logits)
     return Reference(features, key)
 
-
-def _load_cached(path: Path, key: dict[str, Any]) -> Optional[Features]:
-    if not path.exists():
-        return None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged cache file is recomputed, never trusted
-        log.warning("ignoring unreadable reference cache %s (%s); recomputing", path, error)
-        return None
-    if not isinstance(payload, dict) or payload.get("key") != key:
-        log.warning("reference cache %s is for another dataset or extractor; recomputing", path)
-        return None
-    return Features(payload["features"], payload["logits"])
