@@ -287,6 +287,7 @@ class TrainConfig:
     float32_matmul_precision: str = "high"
     train: bool = True
     p_uncond: float = 0.1
+    optimized_metric: Optional[str] = "val/loss"
 
 
 @dataclass

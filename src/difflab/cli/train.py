@@ -83,12 +83,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Train; return `optimized_metric` from the run's final metrics (what a sweeper optimises)."""
     try:
         metrics = train(cfg)
     except (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError) as error:
         log.error("%s", error)
         sys.exit(f"difflab-train: {error}")
-    return metrics.get("val/loss")
+    name = cfg.get("optimized_metric")
+    if not name or not cfg.train:  # train=false only builds: there is nothing to report
+        return None
+    if name not in metrics:
+        # A sweep must not silently optimise None: stop and say what the run did log.
+        message = (f"optimized_metric={name!r} was not logged by this run; available metrics: "
+                   f"{', '.join(sorted(metrics)) or '(none)'}")
+        log.error("%s", message)
+        sys.exit(f"difflab-train: {message}")
+    return float(metrics[name])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Hyperparameter search and launchers: the configs compose, the plugins load, a real
+two-trial Optuna sweep runs, and a metric the run never logs stops the run loudly."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
+
+from difflab.cli import _hydra
+
+_hydra.setup()
+CONF = Path(_hydra.config_dir())
+FIXED = ["paths.output_dir=/tmp/difflab-test-run"]  # ${hydra:...} is only set inside a real run
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[*FIXED, *overrides], return_hydra_config=True)
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "difflab.cli.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_default_has_no_search_and_reports_val_loss():
+    cfg = _compose([])
+    assert cfg.optimized_metric == "val/loss"
+    assert cfg.hydra.sweeper._target_ == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    assert cfg.hydra.launcher._target_ == "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def test_optuna_search_composes_and_its_params_parse():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    cfg = _compose(["hparams_search=mnist5k_optuna"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert get_class(sweeper._target_).__name__ == "OptunaSweeper"
+    assert sweeper.direction == "minimize" and sweeper.n_trials == 20 and sweeper.n_jobs == 1
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed is not None
+    assert get_class(sweeper.sampler._target_).__name__ == "TPESampler"
+    assert cfg.optimized_metric == "val/loss"
+
+    parser = OverridesParser.create()
+    overrides = parser.parse_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
+    dists = {o.get_key_element(): create_optuna_distribution_from_override(o) for o in overrides}
+    assert set(dists) == {"optim.lr", "schedule", "objective", "callbacks.ema.decay"}
+    lr = dists["optim.lr"]
+    assert type(lr).__name__ == "LogUniformDistribution" and (lr.low, lr.high) == (5e-4, 5e-3)
+    assert list(dists["schedule"].choices) == ["linear", "cosine", "sigmoid"]
+    assert list(dists["objective"].choices) == ["eps", "v"]
+    assert list(dists["callbacks.ema.decay"].choices) == [0.99, 0.995, 0.999]
+    # Every sampled value is a valid option / key of the train config.
+    for schedule in dists["schedule"].choices:
+        for objective in dists["objective"].choices:
+            _compose([f"schedule={schedule}", f"objective={objective}", "optim.lr=1e-3",
+                      "callbacks.ema.decay=0.99"])
+
+
+@pytest.mark.parametrize("launcher,target", [
+    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])
+def test_launcher_composes_and_its_class_imports(launcher, target):
+    cfg = _compose([f"launcher={launcher}"])
+    assert cfg.hydra.launcher._target_ == target
+    assert get_class(target).__name__ == target.rsplit(".", 1)[1]
+    if launcher == "joblib":
+        assert cfg.hydra.launcher.n_jobs == 2
+    else:
+        knobs = {"partition", "timeout_min", "gpus_per_node", "tasks_per_node", "nodes", "cpus_per_task",
+                 "mem_gb", "array_parallelism", "additional_parameters"}
+        assert knobs <= set(cfg.hydra.launcher)
+
+
+def test_search_and_launcher_combine():
+    cfg = _compose(["hparams_search=mnist5k_optuna", "launcher=joblib"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_two_trial_optuna_sweep_runs(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = _run("-m", "hparams_search=mnist5k_optuna", "experiment=digits_tiny", "trainer.max_epochs=1",
+                "hydra.sweeper.n_trials=2", "callbacks=minimal", "callbacks.progress_bar=null",
+                f"hydra.sweep.dir={sweep_dir}", f"paths.root_dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert isinstance(results["best_value"], float) and math.isfinite(results["best_value"])
+    assert {"optim.lr", "schedule", "objective", "callbacks.ema.decay"} <= set(results["best_params"])
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
+    assert [p.name for p in jobs] == ["0", "1"]
+
+
+def test_unlogged_optimized_metric_fails_naming_the_available_ones(tmp_path):
+    proc = _run("optimized_metric=nope", "experiment=digits_tiny", "trainer.max_epochs=1", "callbacks=minimal",
+                "callbacks.progress_bar=null", f"hydra.run.dir={tmp_path / 'r'}", f"paths.root_dir={tmp_path}",
+                cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "optimized_metric='nope'" in proc.stderr
+    assert "val/loss" in proc.stderr.split("available metrics:", 1)[1]
