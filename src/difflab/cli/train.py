@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from difflab.cli import _hydra, schema
 from difflab.data import DatasetUnavailableError
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
+from difflab.training import tracking
 from difflab.training.module import DiffusionModule
 
 log = logging.getLogger("difflab.train")
@@ -51,6 +52,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    tracking.prepare_resume(cfg)  # a resumed run continues its W&B run
 
     datamodule = instantiate(cfg.data)
     # The network's input shape comes from the data unless the config pins it.
@@ -63,7 +65,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
         p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
         run_config=_hydra.plain(cfg),
     )
-    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks),
+    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks) + tracking.callbacks(cfg),
                           logger=_instantiate_all(cfg.logger) or False)
     return module, datamodule, trainer
 
@@ -71,14 +73,17 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the composed experiment; return the final logged metrics (for sweepers)."""
     module, datamodule, trainer = build(cfg)
-    output_dir = cfg.paths.output_dir
-    OmegaConf.save(cfg, f"{output_dir}/config.yaml", resolve=True)
-    log.info("run directory: %s", output_dir)
-    if cfg.ckpt_path:
-        check_resume_compatible(cfg.ckpt_path, module.hparams.run_config)
-    if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    try:
+        output_dir = cfg.paths.output_dir
+        OmegaConf.save(cfg, f"{output_dir}/config.yaml", resolve=True)
+        log.info("run directory: %s", output_dir)
+        if cfg.ckpt_path:
+            check_resume_compatible(cfg.ckpt_path, module.hparams.run_config)
+        if cfg.train:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    finally:
+        tracking.finish(trainer)  # one W&B run per job, also in a multirun's single process
 
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="train")
