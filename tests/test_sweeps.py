@@ -101,10 +101,14 @@ def test_two_trial_optuna_sweep_runs(tmp_path):
     assert [p.name for p in jobs] == ["0", "1"]
 
 
-def test_unlogged_optimized_metric_fails_naming_the_available_ones(tmp_path):
-    proc = _run("optimized_metric=nope", "experiment=digits_tiny", "trainer.max_epochs=1", "callbacks=minimal",
-                "callbacks.progress_bar=null", f"hydra.run.dir={tmp_path / 'r'}", f"paths.root_dir={tmp_path}",
-                cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "optimized_metric='nope'" in proc.stderr
-    assert "val/loss" in proc.stderr.split("available metrics:", 1)[1]
+def test_unlogged_optimized_metric_fails_a_sweep_and_warns_a_single_run(tmp_path):
+    common = ("optimized_metric=nope", "experiment=digits_tiny", "trainer.max_epochs=1", "callbacks=minimal",
+              "callbacks.progress_bar=null", f"paths.root_dir={tmp_path}")
+    sweep = _run("-m", *common, f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert sweep.returncode != 0  # a sweeper must never optimise None
+    assert "optimized_metric='nope'" in sweep.stderr
+    assert "val/loss" in sweep.stderr.split("available metrics:", 1)[1]
+    single = _run(*common, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]  # the run's outputs stand; only a warning
+    assert "optimized_metric='nope' was not logged" in single.stdout + single.stderr
+    assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()

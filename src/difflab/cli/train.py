@@ -13,6 +13,8 @@ import sys
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
@@ -98,9 +100,12 @@ def main(cfg: DictConfig) -> float | None:
     if not name or not cfg.train:  # train=false only builds: there is nothing to report
         return None
     if name not in metrics:
-        # A sweep must not silently optimise None: stop and say what the run did log.
         message = (f"optimized_metric={name!r} was not logged by this run; available metrics: "
                    f"{', '.join(sorted(metrics)) or '(none)'}")
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            log.warning("%s", message)  # a single run has nothing to optimise: its outputs stand
+            return None
+        # A sweep must not silently optimise None: stop and say what the run did log.
         log.error("%s", message)
         sys.exit(f"difflab-train: {message}")
     return float(metrics[name])
