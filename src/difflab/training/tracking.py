@@ -58,7 +58,7 @@ def saved_run_id(ckpt_path: str | Path) -> Optional[str]:
             return run_id
     if not path.is_file():
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # never run code from a file
     run_id = checkpoint.get(ID_KEY) if isinstance(checkpoint, dict) else None
     return str(run_id) if run_id else None
 
