@@ -112,3 +112,15 @@ def test_unlogged_optimized_metric_fails_a_sweep_and_warns_a_single_run(tmp_path
     assert single.returncode == 0, single.stderr[-3000:]  # the run's outputs stand; only a warning
     assert "optimized_metric='nope' was not logged" in single.stdout + single.stderr
     assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_failing_multirun_job_is_reported_and_the_others_keep_their_results(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = _run("-m", "experiment=digits_tiny", "trainer.max_epochs=1", "callbacks=minimal",
+                "callbacks.progress_bar=null", "optim.lr=-1,0.002", f"hydra.sweep.dir={sweep_dir}",
+                f"paths.root_dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode != 0  # the sweep as a whole reports the failure
+    assert "optim.lr=-1.0 is not allowed" in proc.stderr
+    assert not (sweep_dir / "0" / "checkpoints").exists()  # job 0 failed before training
+    assert (sweep_dir / "1" / "checkpoints" / "last.ckpt").is_file()  # job 1 still ran to the end
+    assert (sweep_dir / "1" / "csv" / "metrics.csv").is_file()

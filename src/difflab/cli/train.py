@@ -95,6 +95,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError) as error:
         log.error("%s", error)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job failed, runs the others, and reports it at the end
         sys.exit(f"difflab-train: {error}")
     name = cfg.get("optimized_metric")
     if not name or not cfg.train:  # train=false only builds: there is nothing to report
