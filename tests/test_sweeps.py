@@ -1,6 +1,8 @@
 """Hyperparameter search and launchers: the configs compose, the plugins load, a real
 two-trial Optuna sweep runs, and a metric the run never logs stops the run loudly."""
 
+import csv
+import json
 import math
 import os
 import subprocess
@@ -124,3 +126,57 @@ def test_a_failing_multirun_job_is_reported_and_the_others_keep_their_results(tm
     assert not (sweep_dir / "0" / "checkpoints").exists()  # job 0 failed before training
     assert (sweep_dir / "1" / "checkpoints" / "last.ckpt").is_file()  # job 1 still ran to the end
     assert (sweep_dir / "1" / "csv" / "metrics.csv").is_file()
+    # Every job left its outcome, and the sweep's summary (written by the Hydra callback
+    # after each job, as Hydra skips on_multirun_end once a job failed) lists both.
+    failed = json.loads((sweep_dir / "0" / "result.json").read_text())
+    assert failed["status"] == "failed" and "optim.lr=-1.0" in failed["error"] and failed["metrics"] == {}
+    ok = json.loads((sweep_dir / "1" / "result.json").read_text())
+    assert ok["status"] == "ok" and "optim.lr=0.002" in ok["overrides"] and math.isfinite(ok["metrics"]["val/loss"])
+    with open(sweep_dir / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["job"], r["optim.lr"], r["status"]) for r in rows] == [("0", "-1", "failed"), ("1", "0.002", "ok")]
+    assert float(rows[1]["val/loss"]) == pytest.approx(ok["metrics"]["val/loss"])
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "2 jobs" in summary and "1 failed, 1 ok" in summary and "| optim.lr |" in summary
+
+
+def _job(sweep, name, overrides, result=None):
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if result is not None:
+        (job / "result.json").write_text(json.dumps({"overrides": overrides, **result}))
+
+
+def test_collect_tables_every_job_sorted_with_the_missing_and_failed_ones(tmp_path, capsys):
+    from difflab.cli import collect
+
+    _job(tmp_path, "0", ["schedule=linear", "seed=1"], {"status": "ok", "seconds": 9.0,
+                                                        "metrics": {"val/loss": 0.5, "lr-AdamW": 1e-3}})
+    _job(tmp_path, "1", ["schedule=cosine", "seed=1"], {"status": "ok", "seconds": 8.0,
+                                                        "metrics": {"val/loss": 0.25, "lr-AdamW": 2e-3}})
+    _job(tmp_path, "2", ["schedule=sigmoid", "seed=1"], {"status": "failed", "seconds": 1.0, "metrics": {},
+                                                         "error": "RuntimeError: boom\ntraceback"})
+    _job(tmp_path, "10", ["schedule=bogus", "seed=1"])  # killed: no result.json
+    (tmp_path / "notajob").mkdir()
+    collect.main([str(tmp_path), "--sort", "val/loss"])
+    printed = capsys.readouterr().out
+    with open(tmp_path / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["job"], r["schedule"], r["status"]) for r in rows] == [
+        ("1", "cosine", "ok"), ("0", "linear", "ok"), ("2", "sigmoid", "failed"), ("10", "bogus", "missing")]
+    assert rows[2]["error"] == "RuntimeError: boom"
+    header, table = (tmp_path / "summary.md").read_text().split("\n\n", 1)
+    assert "4 jobs" in header and "2 ok, 1 failed, 1 missing" in header
+    # Columns: the override that varies (not seed), status, time, val/ and eval/ metrics, errors.
+    assert table.splitlines()[0] == "| job | schedule | status | seconds | val/loss | error |"
+    assert table in printed
+
+
+def test_collect_without_jobs_says_so(tmp_path):
+    from difflab.cli import collect
+
+    with pytest.raises(SystemExit, match="holds no job directories"):
+        collect.main([str(tmp_path)])
+    with pytest.raises(SystemExit, match="no sweep directory"):
+        collect.main([str(tmp_path / "nope")])

@@ -8,9 +8,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
-from typing import Any
+import time
+from pathlib import Path
+from typing import Any, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,9 +22,11 @@ from hydra.types import RunMode
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import _hydra, schema
+from difflab.cli.collect import RESULT_FILE  # every run's outcome, read from each multirun job
 from difflab.data import DatasetUnavailableError
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
 from difflab.training import tracking
@@ -88,16 +94,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracking.finish(trainer)  # one W&B run per job, also in a multirun's single process
 
 
+@rank_zero_only
+def write_result(output_dir: str, status: str, seconds: float, metrics: dict[str, float],
+                 error: Optional[str] = None) -> None:
+    """`<run>/result.json`: status (ok | failed | interrupted), the error, the final logged
+    metrics, the command-line overrides and the wall time. Written atomically by rank 0."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    record = {"status": status, "error": error, "seconds": round(seconds, 1), "overrides": overrides,
+              "metrics": metrics}
+    path = Path(output_dir) / RESULT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".tmp{os.getpid()}")
+    partial.write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
+    partial.replace(path)
+
+
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return `optimized_metric` from the run's final metrics (what a sweeper optimises)."""
+    start = time.perf_counter()
+    output_dir = cfg.paths.output_dir
     try:
         metrics = train(cfg)
-    except (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError) as error:
+    except BaseException as error:
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        write_result(output_dir, status, time.perf_counter() - start, {}, f"{type(error).__name__}: {error}")
+        if not isinstance(error, (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError)):
+            raise
         log.error("%s", error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra marks this job failed, runs the others, and reports it at the end
         sys.exit(f"difflab-train: {error}")
+    write_result(output_dir, "ok", time.perf_counter() - start, metrics)
     name = cfg.get("optimized_metric")
     if not name or not cfg.train:  # train=false only builds: there is nothing to report
         return None
