@@ -8,6 +8,7 @@ trained, never saved and never averaged by the EMA.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from typing import Any, Optional
@@ -75,6 +76,16 @@ class DiffusionModule(pl.LightningModule):
         # kept outside the module tree so state_dict keys do not change.
         if self.hparams.compile and self._compiled_net is None:
             object.__setattr__(self, "_compiled_net", torch.compile(self.net))
+
+    def on_train_start(self) -> None:
+        # Under DDP every rank ran `seed_everything(cfg.seed)` (and, on resume, restored rank 0's
+        # RNG state from the checkpoint), so all ranks would draw the same timesteps and noise in
+        # `diffusion_loss`: N processes doing the work of one for the randomness of the loss.
+        # Ranks > 0 move to their own stream here. This hook runs after every checkpoint restore
+        # (on_fit_start can precede it for some strategies), and rank 0 keeps its stream, so a
+        # single-process run is bit-identical to before and still resumes bit-exactly.
+        if self.trainer.global_rank > 0:
+            _reseed_for_rank(self.trainer.global_rank)
 
     def loss(self, images: torch.Tensor, cond: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -171,6 +182,18 @@ class DiffusionModule(pl.LightningModule):
         kind, keys, *rest = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
         random.setstate(_lists_to_tuples(state["python"]))
+
+
+def _reseed_for_rank(rank: int) -> None:
+    """Reseed torch (CPU and CUDA), numpy and python from a hash of the current torch RNG state
+    and `rank`: reproducible for a given seed or checkpoint, and different on every rank. A
+    resumed rank r > 0 derives its stream from the restored state (the checkpoint, written by
+    rank 0, holds only rank 0's), so it does not continue the interrupted run's rank-r stream."""
+    digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes() + rank.to_bytes(8, "little")).digest()
+    seed = int.from_bytes(digest[:8], "little") >> 1  # 63 bits: valid for every torch seed API
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def _tuples_to_lists(value: Any) -> Any:
