@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.difflab-installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all bench clean-outputs
+.PHONY: help install train test test-slow test-all bench ablate clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ test-slow: $(STAMP)  ## only the slow tests
 
 test-all: $(STAMP)  ## every test
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
+
+ablate: $(STAMP)  ## train + evaluate each schedule and objective with one budget (< 45 min on 2 cores); ARGS="only=[linear,cosine] ..."
+	$(BIN)/difflab-ablate $(ARGS)
 
 bench: $(STAMP)  ## training and denoiser images/s for difflab's U-Net and the two peers
 	$(BIN)/python benchmarks/bench.py $(ARGS)

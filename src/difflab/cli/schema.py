@@ -369,12 +369,61 @@ class EvalConfig:
         self.metrics.validate("metrics")
 
 
+@dataclass
+class AblateEvalConfig:
+    n: int = 500
+    batch_size: int = 250
+    sampler: str = "ddim"
+    steps: int = 25
+    seed: int = 0
+    grid_images: int = 64
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self, key: str) -> None:
+        _check(self.n >= 4, f"{key}.n", self.n, "an integer >= 4")
+        _check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.steps >= 1, f"{key}.steps", self.steps, "an integer >= 1")
+        _check(self.grid_images >= 0, f"{key}.grid_images", self.grid_images, "an integer >= 0")
+        self.metrics.validate(f"{key}.metrics")
+
+
+@dataclass
+class AblateConfig:
+    paths: PathsConfig = MISSING
+    task_name: str = "ablate"
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    only: Optional[list[str]] = None
+    base: list[str] = field(default_factory=list)
+    budget: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [42])
+    device: str = "auto"
+    resume: Optional[str] = None
+    eval: AblateEvalConfig = field(default_factory=AblateEvalConfig)
+
+    def validate(self, key: str = "") -> None:
+        _check(len(self.variants) >= 1, "variants", self.variants, "at least one name: [train overrides]")
+        for name in self.variants:
+            _check(name.replace("-", "").replace("_", "").isalnum(), "variants", name,
+                   "names of letters, digits, - and _ (they name directories)")
+        unknown = sorted(set(self.only or []) - set(self.variants))
+        _check(not unknown, "only", self.only, f"names from variants ({', '.join(self.variants)})")
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds,
+               "a non-empty list of distinct integers")
+        for option in ("seed=", "hydra.run.dir=", "paths.output_dir="):
+            for source, overrides in (("base", self.base), ("budget", self.budget),
+                                      *((f"variants.{n}", o) for n, o in self.variants.items())):
+                _check(not any(o.startswith(option) for o in overrides), source, overrides,
+                       f"no {option}... (difflab-ablate sets it for every run)")
+        self.eval.validate("eval")
+
+
 def register() -> None:
     """Put the schemas where the YAML options' defaults lists find them."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="ablate_schema", node=AblateConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="model", name="unet_schema", node=UNetConfig)
     cs.store(group="schedule", name="schema", node=ScheduleConfig)

@@ -86,3 +86,44 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: str | Path, x: str, metri
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_bars(rows: Sequence[dict[str, Any]], path: str | Path, label: str, metrics: Sequence[str],
+              baseline: dict[str, Any] | None = None, title: str = "") -> Path | None:
+    """One panel per metric: a bar per `label` value (the mean of its rows), each row as a dot
+    (seeds), and the `baseline` row as a dashed line; None if no row has any of the metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def numbers(points: Sequence[dict[str, Any]], metric: str) -> list[float]:
+        return [float(p[metric]) for p in points if isinstance(p.get(metric), (int, float))
+                and math.isfinite(p[metric])]
+
+    metrics = [m for m in metrics if numbers(rows, m)]
+    if not metrics:
+        return None
+    labels = list(dict.fromkeys(str(row[label]) for row in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(3.2, 0.75 * len(labels) + 1.4) * len(metrics), 3.6),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, name in enumerate(labels):
+            values = numbers([r for r in rows if str(r[label]) == name], metric)
+            if values:
+                ax.bar(i, sum(values) / len(values), color=f"C{i % 10}", alpha=0.75)
+                ax.plot([i] * len(values), values, "k.", markersize=5)
+        if baseline is not None and numbers([baseline], metric):
+            ax.axhline(float(baseline[metric]), color="gray", linestyle="--", label="real images")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
