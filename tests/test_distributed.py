@@ -235,3 +235,38 @@ def test_bf16_mixed_trains_exports_fp32_ema_and_samples(tmp_path):
     images = np.load(written["npz"])["images"]
     assert images.shape == (16, 8, 8, 1) and images.std() > 0
     assert written["grid"].is_file()
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, None),
+    ({"DIFFLAB_RUN_ID": "exp7", "SLURM_JOB_ID": "12", "SLURM_NTASKS": "4"}, "exp7"),
+    ({"SLURM_JOB_ID": "12", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, "slurm-12-0"),
+    ({"SLURM_JOB_ID": "12", "SLURM_NTASKS": "4", "SLURM_ARRAY_TASK_ID": "3", "SLURM_STEP_ID": "1"}, "slurm-12_3-1"),
+    ({"SLURM_JOB_ID": "12", "SLURM_NTASKS": "1"}, None),  # one task: nothing to share
+    ({"TORCHELASTIC_RUN_ID": "ab12", "WORLD_SIZE": "2"}, "torchrun-ab12"),
+    ({"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "8"}, None),  # torchrun's default --rdzv-id
+    ({"TORCHELASTIC_RUN_ID": "ab12", "WORLD_SIZE": "1"}, None),
+])
+def test_processes_of_one_launch_agree_on_the_run_name(env, expected):
+    assert _hydra.launch_id(env) == expected
+    name = _hydra.run_name(env)
+    if expected is None:  # <date>_<time>_<random>
+        date, time, uid = name.split("_")
+        assert len(date) == 10 and len(time) == 8 and len(uid) == 6
+    else:
+        assert name == expected
+
+
+def test_torchrun_processes_share_one_run_directory(tmp_path):
+    """Under torchrun every process composes its own config; they must pick the same run
+    directory (each process, not Lightning, decides it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "difflab.cli.train", "experiment=digits_tiny", "trainer=ddp_cpu", "train=false",
+         f"paths.root_dir={tmp_path}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "digits_tiny" / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun-"), runs
+    assert (runs[0] / "config.yaml").is_file() and (runs[0] / ".hydra").is_dir()

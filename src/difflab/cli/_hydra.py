@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 from omegaconf import OmegaConf
 
@@ -28,12 +29,37 @@ def config_dir() -> str:
 _RUN_UID = secrets.token_hex(3)
 
 
+def launch_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """A name that every process of one multi-process launch computes alike, or None.
+
+    `DIFFLAB_RUN_ID` if set; a SLURM step of several tasks: `slurm-<job>[_<array task>]-<step>`;
+    torchrun: `torchrun-<rdzv id>` (multi-node torchrun defaults `--rdzv-id` to "none": pass
+    one, or set DIFFLAB_RUN_ID). Lightning's own DDP launcher needs none of this: it hands
+    rank 0's run directory to the processes it starts.
+    """
+    env = os.environ if env is None else env
+    if env.get("DIFFLAB_RUN_ID"):
+        return env["DIFFLAB_RUN_ID"]
+    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        array = f"_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_TASK_ID") else ""
+        return f"slurm-{env['SLURM_JOB_ID']}{array}-{env.get('SLURM_STEP_ID', '0')}"
+    run = env.get("TORCHELASTIC_RUN_ID")
+    if run and run != "none" and int(env.get("WORLD_SIZE", "1") or 1) > 1:
+        return f"torchrun-{run}"
+    return None
+
+
+def run_name(env: Optional[Mapping[str, str]] = None) -> str:
+    """A run directory's name: `<date>_<time>_<random>` (two runs started in the same second
+    differ), or the launch id when several processes of one launch must share the directory."""
+    return launch_id(env) or f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{_RUN_UID}"
+
+
 def setup() -> None:
     """Register schemas and resolvers once per process (idempotent)."""
     schema.register()
-    if not OmegaConf.has_resolver("difflab.uid"):
-        # One random suffix per process: two runs started in the same second differ.
-        OmegaConf.register_new_resolver("difflab.uid", lambda: _RUN_UID, use_cache=True)
+    if not OmegaConf.has_resolver("difflab.run_name"):
+        OmegaConf.register_new_resolver("difflab.run_name", lambda: run_name(), use_cache=True)
 
 
 def plain(cfg: Any) -> Any:
