@@ -136,3 +136,21 @@ def test_sample_is_deterministic_for_a_seed_and_in_range():
     b = module.sample(3, generator=torch.Generator().manual_seed(1))
     assert a.shape == (3, 1, 8, 8) and torch.equal(a, b)
     assert a.min() >= -1 - 1e-5 and a.max() <= 1 + 1e-5
+
+
+def test_sample_without_run_config_takes_the_shape_from_the_net_and_counts_calls():
+    from difflab.diffusion import CallCounter
+
+    net = UNet(in_channels=1, base_channels=16, channel_mults=(1, 2), attention_levels=(), mid_attention=False,
+               num_groups=4, image_size=8)
+    module = DiffusionModule(net, NoiseSchedule("cosine", 100), DDIMSampler(steps=5))
+    with CallCounter(net) as counter:
+        images = module.sample(2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 1, 8, 8) and counter.calls == 5
+    module.sample(2)  # the hook is gone after the with block
+    assert counter.calls == 5
+    shapeless = DiffusionModule(UNet(in_channels=1, base_channels=16, channel_mults=(1, 2), attention_levels=(),
+                                     mid_attention=False, num_groups=4), NoiseSchedule("cosine", 100),
+                                DDIMSampler(steps=5))
+    with pytest.raises(ValueError, match="image shape unknown"):
+        shapeless.sample(1)

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from difflab.cli import _hydra, schema
 from difflab.cli.sample import build_denoiser, pick_device
 from difflab.data import DatasetUnavailableError
-from difflab.diffusion.denoiser import Denoiser
+from difflab.diffusion.denoiser import CallCounter, Denoiser
 from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.metrics import report
 from difflab.metrics.domain import DomainClassifierConfig
@@ -47,17 +47,6 @@ def sampler_config(name: str, steps: int) -> DictConfig:
     except HydraException as error:
         raise schema.ConfigError(f"samplers: {str(error).splitlines()[0]}") from error
     return cfg.sampler
-
-
-class CallCounter:
-    """Counts network evaluations (one per call, also for a guided call on a doubled batch)."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        self.calls = 0
-        net.register_forward_pre_hook(self._count)
-
-    def _count(self, module: torch.nn.Module, args: Any) -> None:
-        self.calls += 1
 
 
 def grid_cells(cfg: DictConfig, conditional: bool) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Pure tensor math for diffusion models: schedules, forward process, targets, losses,
 the denoiser wrapper and samplers. Imports neither Lightning nor Hydra."""
 
-from .denoiser import Denoiser
+from .denoiser import CallCounter, Denoiser
 from .losses import OBJECTIVES, WEIGHTINGS, diffusion_loss, min_snr_weight, training_target
 from .process import (
     predict_eps_from_v,
@@ -33,6 +33,7 @@ from .schedule import BETA_SCHEDULES, NoiseSchedule, beta_schedule, extract
 from .sigma import SigmaDenoiser, karras_sigmas, sigma_range, sigma_to_t, t_to_sigma
 
 __all__ = [
+    "CallCounter",
     "BETA_SCHEDULES",
     "OBJECTIVES",
     "SAMPLERS",

@@ -88,3 +88,29 @@ class Denoiser:
             return self.raw(x, t, cond)
         eps, x0 = self.predict(x, t, cond)
         return v_from_x0_eps(self.schedule, x0, t, eps).to(x.dtype)
+
+
+class CallCounter:
+    """Counts the network evaluations (NFE) of a sampler: one per call of `net`, also for a
+    guided call that runs it on a doubled batch. A context manager removes its hook:
+
+        with CallCounter(net) as counter:
+            sampler.sample(Denoiser(net, schedule, "eps"), schedule, shape)
+        print(counter.calls)
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.calls = 0
+        self._hook = net.register_forward_pre_hook(self._count)
+
+    def _count(self, module: torch.nn.Module, args: Any) -> None:
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+    def __enter__(self) -> "CallCounter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()

@@ -99,6 +99,7 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
         self.num_classes = num_classes
+        self.image_size = image_size  # None: any size divisible by size_divisor (samplers need a shape)
         self.size_divisor = 2 ** (len(channel_mults) - 1)
         if image_size is not None:
             _check_size(image_size, image_size, self.size_divisor)
