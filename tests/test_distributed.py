@@ -6,6 +6,8 @@ launches rank 1 through Lightning's Hydra-aware launcher. A test-only callback
 it saw, so the tests compare the ranks with each other and with what rank 0 logged.
 """
 
+import csv
+import json
 import math
 import os
 import random
@@ -270,3 +272,27 @@ def test_torchrun_processes_share_one_run_directory(tmp_path):
     runs = list((tmp_path / "outputs" / "digits_tiny" / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("torchrun-"), runs
     assert (runs[0] / "config.yaml").is_file() and (runs[0] / ".hydra").is_dir()
+
+
+def test_ddp_jobs_of_a_multirun_each_run_once_in_their_own_directory(tmp_path):
+    """Lightning reruns argv for ranks > 0; in a multirun argv holds `-m` and the sweep, so each
+    extra rank would start the whole sweep again and write outside the job's directory."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "difflab.cli.train", "-m", "experiment=digits_tiny", "trainer=ddp_cpu",
+         "trainer.max_epochs=1", "trainer.max_steps=3", "optimized_metric=train/loss", "callbacks=minimal", "callbacks.progress_bar=null",
+         "schedule=linear,cosine", f"hydra.sweep.dir={sweep}", f"paths.root_dir={tmp_path}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job, schedule in (("0", "linear"), ("1", "cosine")):
+        result = json.loads((sweep / job / "result.json").read_text())
+        assert result["status"] == "ok" and f"schedule={schedule}" in result["overrides"]
+        assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran inside this job's directory
+        ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == 3 and ckpt["hyper_parameters"]["run_config"]["schedule"]["kind"] == schedule
+    assert not (tmp_path / "outputs").exists()  # no rank wrote a run of its own
+    with open(sweep / "summary.csv") as handle:
+        assert [(r["job"], r["schedule"], r["status"]) for r in csv.DictReader(handle)] == [
+            ("0", "linear", "ok"), ("1", "cosine", "ok")]

@@ -62,6 +62,11 @@ def setup() -> None:
         OmegaConf.register_new_resolver("difflab.run_name", lambda: run_name(), use_cache=True)
 
 
+def quote(value: Any) -> str:
+    """A Hydra override value that survives any path or string: single-quoted, escaped."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def plain(cfg: Any) -> Any:
     """A resolved config as plain Python containers (safe to store in a checkpoint)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

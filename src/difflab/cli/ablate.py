@@ -31,6 +31,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import _hydra, schema
+from difflab.cli._hydra import quote
+from difflab.cli.evaluate import evaluate
 from difflab.cli.collect import RESULT_FILE
 from difflab.data import DatasetUnavailableError
 from difflab.metrics import report
@@ -55,11 +57,6 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.variant}-s{self.seed}"
-
-
-def quote(value: str) -> str:
-    """A Hydra override value that survives any path: single-quoted, escaped."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def plan(cfg: DictConfig, work: Path) -> list[Run]:
@@ -138,8 +135,6 @@ def eval_config(cfg: DictConfig, run: Run, run_config: dict[str, Any]) -> DictCo
 
 def evaluate_run(cfg: DictConfig, run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the run's scores, the held-out real images' scores); reused from `eval/results.csv`."""
-    from difflab.cli.evaluate import evaluate
-
     saved = run.dir / "eval" / "results.csv"
     if not saved.is_file():
         run_config = OmegaConf.to_container(OmegaConf.load(run.dir / "config.yaml"), resolve=True)

@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli import _hydra, schema
+from difflab.cli import _ddp, _hydra, schema
 from difflab.cli.collect import RESULT_FILE  # every run's outcome, read from each multirun job
 from difflab.data import DatasetUnavailableError
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
@@ -73,6 +73,8 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
         p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
         run_config=_hydra.plain(cfg),
     )
+    if HydraConfig.initialized():
+        _ddp.install()  # processes Lightning starts for DDP rerun this job, not the command line
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks) + tracking.callbacks(cfg),
                           logger=_instantiate_all(cfg.logger) or False)
     return module, datamodule, trainer
@@ -115,7 +117,8 @@ def main(cfg: DictConfig) -> float | None:
     start = time.perf_counter()
     output_dir = cfg.paths.output_dir
     try:
-        metrics = train(cfg)
+        with _ddp.job_scope():  # the next job of a multirun starts from a clean DDP state
+            metrics = train(cfg)
     except BaseException as error:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         write_result(output_dir, status, time.perf_counter() - start, {}, f"{type(error).__name__}: {error}")
