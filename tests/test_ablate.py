@@ -103,3 +103,19 @@ def test_plot_bars_draws_present_metrics_only(tmp_path):
     rows = [{"variant": "a", "fid": 3.0}, {"variant": "a", "fid": 5.0}, {"variant": "b", "fid": float("nan")}]
     assert report.plot_bars(rows, tmp_path / "p.png", "variant", ("fid", "kid"), baseline={"fid": 1.0}).is_file()
     assert report.plot_bars(rows, tmp_path / "q.png", "variant", ("kid",)) is None
+
+
+def test_results_md_adds_a_mean_table_for_several_seeds(tmp_path):
+    from omegaconf import OmegaConf
+
+    from difflab.cli.ablate import write_outputs
+
+    cfg = OmegaConf.create({"budget": ["trainer.max_epochs=1"], "base": [], "seeds": [1, 2],
+                            "eval": {"n": 8, "sampler": "ddim", "steps": 5, "metrics": {"extractor": "domain",
+                                                                                       "ref_split": "train"}}})
+    rows = [{"variant": "a", "seed": 1, "status": "ok", "schedule": "cosine", "objective": "eps", "fid": 2.0},
+            {"variant": "a", "seed": 2, "status": "ok", "schedule": "cosine", "objective": "eps", "fid": 4.0}]
+    write_outputs(cfg, tmp_path, rows, {"sampler": "real (val)", "fid": 0.5})
+    text = (tmp_path / "results.md").read_text()
+    assert "| a | 2 | cosine | eps | - | 3 ± 1.4 |" in text
+    assert [r["variant"] for r in _rows(tmp_path / "results.csv")] == ["a", "a", "real (val) images"]

@@ -133,11 +133,10 @@ def eval_config(cfg: DictConfig, run: Run, run_config: dict[str, Any]) -> DictCo
     return OmegaConf.merge(OmegaConf.structured(schema.EvalConfig), values)
 
 
-def evaluate_run(cfg: DictConfig, run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_run(cfg: DictConfig, run: Run, run_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the run's scores, the held-out real images' scores); reused from `eval/results.csv`."""
     saved = run.dir / "eval" / "results.csv"
     if not saved.is_file():
-        run_config = OmegaConf.to_container(OmegaConf.load(run.dir / "config.yaml"), resolve=True)
         evaluate(eval_config(cfg, run, run_config))
     else:
         log.info("%s: evaluated already (%s), reused", run.name, saved)
@@ -175,10 +174,10 @@ def ablate(cfg: DictConfig) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"variant": run.variant, "seed": run.seed, "status": result["status"],
                                "train_seconds": result.get("seconds"), "val/loss": result["metrics"].get("val/loss")}
         if result["status"] == "ok":
-            run_config = OmegaConf.load(run.dir / "config.yaml")
-            row.update(schedule=run_config.schedule.kind, objective=run_config.objective.prediction)
+            run_config = OmegaConf.to_container(OmegaConf.load(run.dir / "config.yaml"), resolve=True)
+            row.update(schedule=run_config["schedule"]["kind"], objective=run_config["objective"]["prediction"])
             try:
-                cell, real = evaluate_run(cfg, run)
+                cell, real = evaluate_run(cfg, run, run_config)
             except (CheckpointError, ExtractorUnavailableError, DatasetUnavailableError, FileNotFoundError,
                     ValueError, RuntimeError) as error:
                 log.error("%s: evaluation failed: %s", run.name, error)
@@ -241,12 +240,10 @@ def write_outputs(cfg: DictConfig, work: Path, rows: list[dict[str, Any]], real:
     text = header + report.markdown_table(all_rows, COLUMNS)
     means = mean_rows(rows)
     if len(cfg.seeds) > 1 and means:
-        columns = ["variant", "seeds", "schedule", "objective", "val/loss", *METRICS]
-        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-        lines += ["| " + " | ".join(_pm(m, c) if c in ("val/loss", *METRICS) else str(m.get(c, "-"))
-                                    for c in columns) + " |" for m in means]
-        text += "\nMean ± standard deviation over seeds:\n\n" + "\n".join(lines) + "\n"
-    (work / "results.md").write_text(text)
+        shown = [{**m, **{k: _pm(m, k) for k in ("val/loss", *METRICS)}} for m in means]
+        text += "\nMean ± standard deviation over seeds:\n\n" + report.markdown_table(
+            shown, ["variant", "seeds", "schedule", "objective", "val/loss", *METRICS])
+    report.write_text(work / "results.md", text)
     report.plot_bars(rows, work / "ablation.png", "variant", ("fid", "kid", "precision", "recall", "class_coverage"),
                      baseline=real, title=f"{' '.join(cfg.budget)}; {e.sampler} {e.steps} steps, n={e.n}")
 

@@ -17,12 +17,12 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from difflab.metrics import report
@@ -125,16 +125,13 @@ def write_summary(sweep_dir: str | Path, metrics: Optional[Sequence[str]] = None
     rows = sort_rows(collect(sweep_dir), sort)
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no job directories (looked for */.hydra and */{RESULT_FILE})")
-    # Jobs of a parallel launcher may summarise at once: each writes its own file, then renames.
-    csv_path = sweep_dir / "summary.csv"
-    report.write_csv(rows, csv_path.with_suffix(f".csv.tmp{os.getpid()}")).replace(csv_path)
+    # Jobs of a parallel launcher may summarise at once: both writes are atomic.
+    csv_path = report.write_csv(rows, sweep_dir / "summary.csv")
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     header = (f"{len(rows)} jobs in `{sweep_dir}`: " + ", ".join(f"{n} {s}" for s, n in counts.items())
               + (f"; sorted by {sort}" if sort else "") + ".\n\n")
-    md_path = sweep_dir / "summary.md"
-    partial = md_path.with_suffix(f".md.tmp{os.getpid()}")
-    partial.write_text(header + report.markdown_table(rows, summary_columns(rows, metrics)))
-    partial.replace(md_path)
+    md_path = report.write_text(sweep_dir / "summary.md",
+                                header + report.markdown_table(rows, summary_columns(rows, metrics)))
     return csv_path, md_path, rows
 
 
@@ -146,7 +143,7 @@ class CollectResults(Callback):
         self.sort = sort
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if str(config.hydra.mode) == "RunMode.MULTIRUN" or str(config.hydra.mode) == "MULTIRUN":
+        if config.hydra.mode == RunMode.MULTIRUN:
             self._summarise(Path(str(config.hydra.sweep.dir)), announce=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

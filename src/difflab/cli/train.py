@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from difflab.cli import _ddp, _hydra, schema
 from difflab.cli.collect import RESULT_FILE  # every run's outcome, read from each multirun job
 from difflab.data import DatasetUnavailableError
+from difflab.metrics import report
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
 from difflab.training import tracking
 from difflab.training.module import DiffusionModule
@@ -104,11 +104,8 @@ def write_result(output_dir: str, status: str, seconds: float, metrics: dict[str
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     record = {"status": status, "error": error, "seconds": round(seconds, 1), "overrides": overrides,
               "metrics": metrics}
-    path = Path(output_dir) / RESULT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".tmp{os.getpid()}")
-    partial.write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
-    partial.replace(path)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    report.write_text(Path(output_dir) / RESULT_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
 
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="train")

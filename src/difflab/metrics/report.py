@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,17 +14,26 @@ MARKDOWN_COLUMNS = ("sampler", "steps", "nfe", "guidance_scale", "fid", "kid", "
                     "class_coverage", "class_accuracy", "seconds")
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` atomically (a temporary file, then a rename): a reader, or another process
+    writing the same summary, never sees half a file."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    partial.write_text(text)
+    partial.replace(path)
+    return path
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """One row per grid cell; columns are the union of the rows' keys, in first-seen order."""
-    path = Path(path)
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
 
 
 def _cell(value: Any) -> str:
