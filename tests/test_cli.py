@@ -124,7 +124,7 @@ def test_resume_from_another_model_names_the_differing_keys(trained_run, tmp_pat
 
 
 def test_default_experiment_runs_under_debug_fast(tmp_path):
-    """The default composition (mnist5k, unet_mnist, bf16-mixed) runs two batches."""
+    """The default composition (mnist5k, unet_mnist, precision auto) runs two batches."""
     proc = _run("difflab.cli.train", "debug=fast", f"hydra.run.dir={tmp_path / 'r'}", f"paths.root_dir={tmp_path}",
                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

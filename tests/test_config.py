@@ -94,8 +94,8 @@ def test_unknown_group_option_lists_the_choices():
         _compose(["sampler=dpmsolver_typo"])
 
 
-def test_default_experiment_is_mnist5k_bf16_on_cpu():
+def test_default_experiment_is_mnist5k_with_measured_precision():
     cfg = _compose([])
-    assert cfg.data.name == "mnist5k" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.data.name == "mnist5k" and cfg.trainer.precision == "auto" and cfg.channels_last == "auto"
     assert cfg.callbacks.ema._target_.endswith("EMA") and cfg.callbacks.sample_grid is not None
     assert cfg.logger.csv.save_dir == "/tmp/difflab-test-run"

@@ -103,17 +103,42 @@ def test_two_trial_optuna_sweep_runs(tmp_path):
     assert [p.name for p in jobs] == ["0", "1"]
 
 
-def test_unlogged_optimized_metric_fails_a_sweep_and_warns_a_single_run(tmp_path):
+def test_unlogged_optimized_metric_fails_an_optimising_sweep_and_warns_otherwise(tmp_path):
     common = ("optimized_metric=nope", "experiment=digits_tiny", "trainer.max_epochs=1", "callbacks=minimal",
               "callbacks.progress_bar=null", f"paths.root_dir={tmp_path}")
-    sweep = _run("-m", *common, f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
-    assert sweep.returncode != 0  # a sweeper must never optimise None
-    assert "optimized_metric='nope'" in sweep.stderr
-    assert "val/loss" in sweep.stderr.split("available metrics:", 1)[1]
+    search = _run("-m", "hparams_search=mnist5k_optuna", "hydra.sweeper.n_trials=1", *common,
+                  f"hydra.sweep.dir={tmp_path / 'o'}", cwd=tmp_path)
+    assert search.returncode != 0  # Optuna must never be handed None
+    assert "optimized_metric='nope'" in search.stderr
+    assert "val/loss" in search.stderr.split("available metrics:", 1)[1]
+    result = json.loads((tmp_path / "o" / "0" / "result.json").read_text())
+    assert result["status"] == "failed" and "optimized_metric='nope'" in result["error"]
+    assert (tmp_path / "o" / "0" / "checkpoints" / "last.ckpt").is_file()  # its outputs stay
+    # A plain sweep optimises nothing: every job runs and keeps its results, with a warning.
+    sweep = _run("-m", *common, "schedule=linear,cosine", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert "optimized_metric='nope' was not logged" in sweep.stdout + sweep.stderr
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / "s" / job / "result.json").read_text())["status"] == "ok"
     single = _run(*common, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]  # the run's outputs stand; only a warning
     assert "optimized_metric='nope' was not logged" in single.stdout + single.stderr
-    assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_short_sweep_runs_every_job(tmp_path):
+    """The command a new user tries: 1 epoch, validation every 5, the default callbacks."""
+    env_cwd = tmp_path  # outputs/ lands here (paths.root_dir defaults to the working directory)
+    proc = _run("-m", "data=digits", "trainer.max_epochs=1", "schedule=linear,cosine,sigmoid", cwd=env_cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sweeps = list((tmp_path / "outputs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    for job in ("0", "1", "2"):
+        result = json.loads((sweeps[0] / job / "result.json").read_text())
+        assert result["status"] == "ok", result
+        assert "val/loss" in result["metrics"] and "eval/fid" in result["metrics"]
+        assert result["steps"] == result["planned_steps"] == 25
+    summary = (sweeps[0] / "summary.md").read_text()
+    assert "3 jobs" in summary and "3 ok" in summary and "25/25" in summary
 
 
 def test_a_failing_multirun_job_is_reported_and_the_others_keep_their_results(tmp_path):

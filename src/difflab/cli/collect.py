@@ -73,6 +73,10 @@ def read_job(job: Path) -> dict[str, Any]:
         return row
     row["status"] = result.get("status", "unknown")
     row["seconds"] = result.get("seconds")
+    if result.get("planned_steps"):  # a run cut short shows how far it got, e.g. 50/1400
+        row["steps"] = f"{result.get('steps')}/{result['planned_steps']}"
+    if isinstance(result.get("precision"), dict):
+        row["precision"] = result["precision"].get("precision")
     row.update(result.get("metrics", {}))
     if result.get("error"):
         row["error"] = result["error"].splitlines()[0][:200]
@@ -88,7 +92,7 @@ def _is_number(value: Any) -> bool:
 
 
 def summary_columns(rows: Sequence[dict[str, Any]], metrics: Optional[Sequence[str]] = None) -> list[str]:
-    """job, the override keys whose values differ between jobs, status, seconds, the metrics
+    """job, the override keys whose values differ between jobs, status, steps (done/planned), seconds, the metrics
     (`metrics`, else every val/ and eval/ metric), error (if any job has one)."""
     keys: list[str] = []
     overrides: list[str] = []
@@ -101,7 +105,8 @@ def summary_columns(rows: Sequence[dict[str, Any]], metrics: Optional[Sequence[s
     if metrics is None:
         metrics = [k for k in keys if k in numeric and k.startswith(SUMMARY_METRIC_PREFIXES)]
     overrides = [k for k in overrides if len({str(r.get(k)) for r in rows}) > 1]
-    columns = ["job", *overrides, "status", "seconds", *metrics]
+    steps = ["steps"] if any(r.get("steps") for r in rows) else []
+    columns = ["job", *overrides, "status", *steps, "seconds", *metrics]
     if any(r.get("error") for r in rows):
         columns.append("error")
     return columns

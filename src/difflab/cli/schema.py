@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from difflab.training import precision
+
 
 class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent; the message names the key."""
@@ -204,7 +206,7 @@ class TrainerConfig:
     devices: Any = "auto"
     strategy: Any = "auto"
     num_nodes: int = 1
-    precision: Any = "32-true"
+    precision: Any = "auto"  # auto: measured per machine (difflab.training.precision)
     max_epochs: Optional[int] = None
     min_epochs: Optional[int] = None
     max_steps: int = -1
@@ -282,7 +284,7 @@ class TrainConfig:
     tags: list[str] = field(default_factory=list)
     seed: Optional[int] = 42
     ckpt_path: Optional[str] = None
-    channels_last: bool = True
+    channels_last: Any = "auto"  # auto | true | false
     compile: bool = False
     float32_matmul_precision: str = "high"
     train: bool = True
@@ -449,6 +451,11 @@ def validate(cfg: DictConfig) -> None:
         if hasattr(node, "validate"):
             node.validate(key)
     _check(0.0 <= cfg.p_uncond < 1.0, "p_uncond", cfg.p_uncond, "a number in [0, 1)")
+    try:
+        precision.check_precision(cfg.trainer.precision)
+        precision.check_layout(cfg.channels_last)
+    except precision.PrecisionError as error:
+        raise ConfigError(str(error)) from None
     if cfg.guidance.scale is not None and cfg.model.num_classes is None:
         raise ConfigError("guidance.scale is set but the model is unconditional: set model.num_classes "
                           "(and train with p_uncond > 0), or use guidance=none.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ from difflab.cli.collect import RESULT_FILE  # every run's outcome, read from ea
 from difflab.data import DatasetUnavailableError
 from difflab.metrics import report
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
-from difflab.training import tracking
+from difflab.training import precision, tracking
+from difflab.training.budget import StepBudget, ValidateAtEnd
 from difflab.training.module import DiffusionModule
 
 log = logging.getLogger("difflab.train")
@@ -54,6 +56,62 @@ def _instantiate_all(nodes: DictConfig | None) -> list[Any]:
     return built
 
 
+_DECISION_ENV = "DIFFLAB_PRECISION_DECISION"  # rank 0's choice, inherited by the ranks Lightning starts
+
+
+def resolve_precision(cfg: DictConfig, net: torch.nn.Module, datamodule: Any) -> precision.Decision:
+    """Resolve `trainer.precision` and `channels_last` (`auto`: measured, see
+    difflab.training.precision) and write the choice into `cfg`, so config.yaml holds it.
+
+    Every rank of a multi-process run must train alike: rank 0 decides (before it starts
+    the other ranks, which inherit the decision), and ranks started by torchrun or SLURM
+    read rank 0's cached probe."""
+    shape = (cfg.data.batch_size, datamodule.channels, datamodule.image_size, datamodule.image_size)
+    cond = None
+    if getattr(net, "num_classes", None) is not None:
+        cond = torch.arange(shape[0]) % net.num_classes
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    inherited = json.loads(os.environ.get(_DECISION_ENV, "{}")) if rank > 0 else {}
+    if inherited.get("output_dir") == str(cfg.paths.output_dir):
+        decision = precision.Decision(**inherited["decision"])
+    else:
+        if rank > 0:
+            _wait_for_probe_cache(cfg, net, shape)
+        decision = precision.resolve(cfg.trainer.precision, cfg.trainer.accelerator, cfg.channels_last, net,
+                                     shape, cache_dir=cfg.paths.cache_dir, cond=cond)
+        os.environ[_DECISION_ENV] = json.dumps({"output_dir": str(cfg.paths.output_dir),
+                                                "decision": decision.record()})
+    OmegaConf.update(cfg, "trainer.precision", decision.precision)
+    OmegaConf.update(cfg, "channels_last", decision.channels_last)
+    if rank == 0:
+        log.info("%s", decision.summary())
+        for warning in decision.warnings:
+            log.warning("%s", warning)
+    return decision
+
+
+def _wait_for_probe_cache(cfg: DictConfig, net: torch.nn.Module, shape: tuple, seconds: float = 120.0) -> None:
+    """A rank > 0 started beside rank 0 (torchrun, srun) waits for rank 0's probe result."""
+    if "auto" not in (str(cfg.trainer.precision), str(cfg.channels_last)):
+        return
+    path = precision.cache_path(cfg.paths.cache_dir, net, shape)
+    deadline = time.monotonic() + seconds
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def budget_hint(decision: precision.Decision) -> Optional[str]:
+    """Why a run may be slow, for StepBudget's warnings."""
+    gain = decision.ratio("bf16-mixed")
+    if decision.precision.startswith("bf16") and gain is not None and gain < 1.0:
+        return (f"precision {decision.precision} runs at {gain:.2f}x the speed of 32-true on this CPU "
+                "(set trainer.precision=auto or 32-true)")
+    if decision.device == "cpu":
+        return (f"this CPU ({decision.machine.get('cpu') or precision.cpu_model()}) trains at the measured rate "
+                f"in {decision.precision}; the defaults fit 15 minutes on a 2-core AVX2 CPU in float32")
+    return None
+
+
 def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.Trainer]:
     """Everything a run needs, from a composed config; nothing is trained here."""
     schema.validate(cfg)
@@ -67,6 +125,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
     OmegaConf.update(cfg, "model.in_channels", cfg.model.in_channels or datamodule.channels)
     OmegaConf.update(cfg, "model.image_size", cfg.model.image_size or datamodule.image_size)
     net = instantiate(cfg.model, _convert_="all")
+    decision = resolve_precision(cfg, net, datamodule)
     module = DiffusionModule(
         net, instantiate(cfg.schedule), instantiate(cfg.sampler),
         **_hydra.plain(cfg.objective), **_hydra.plain(cfg.optim), channels_last=cfg.channels_last, compile=cfg.compile,
@@ -75,14 +134,18 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
     )
     if HydraConfig.initialized():
         _ddp.install()  # processes Lightning starts for DDP rerun this job, not the command line
-    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks) + tracking.callbacks(cfg),
+    run_callbacks = [StepBudget(cause=budget_hint(decision), record={"precision": decision.record()}),
+                     ValidateAtEnd()]
+    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks) + tracking.callbacks(cfg) + run_callbacks,
                           logger=_instantiate_all(cfg.logger) or False)
     return module, datamodule, trainer
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the composed experiment; return the final logged metrics (for sweepers)."""
+def train_run(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit the composed experiment; return the final logged metrics and the run's outcome
+    (status ok | stopped_early, steps, planned_steps, the precision decision)."""
     module, datamodule, trainer = build(cfg)
+    budget = next(cb for cb in trainer.callbacks if isinstance(cb, StepBudget))
     try:
         output_dir = cfg.paths.output_dir
         OmegaConf.save(cfg, f"{output_dir}/config.yaml", resolve=True)
@@ -91,19 +154,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
             check_resume_compatible(cfg.ckpt_path, module.hparams.run_config)
         if cfg.train:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        return metrics, {"status": "ok", **budget.record, **budget.outcome}
     finally:
         tracking.finish(trainer)  # one W&B run per job, also in a multirun's single process
 
 
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the composed experiment; return the final logged metrics (for sweepers)."""
+    return train_run(cfg)[0]
+
+
 @rank_zero_only
 def write_result(output_dir: str, status: str, seconds: float, metrics: dict[str, float],
-                 error: Optional[str] = None) -> None:
-    """`<run>/result.json`: status (ok | failed | interrupted), the error, the final logged
-    metrics, the command-line overrides and the wall time. Written atomically by rank 0."""
+                 error: Optional[str] = None, outcome: Optional[dict[str, Any]] = None) -> None:
+    """`<run>/result.json`: status (ok | stopped_early | failed | interrupted), the error, the
+    final logged metrics, the command-line overrides, the wall time, and (for a run that
+    trained) steps, planned_steps and the precision decision. Written atomically by rank 0."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     record = {"status": status, "error": error, "seconds": round(seconds, 1), "overrides": overrides,
-              "metrics": metrics}
+              "metrics": metrics, **{k: v for k, v in (outcome or {}).items() if k != "status"}}
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     report.write_text(Path(output_dir) / RESULT_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
 
@@ -115,30 +185,44 @@ def main(cfg: DictConfig) -> float | None:
     output_dir = cfg.paths.output_dir
     try:
         with _ddp.job_scope():  # the next job of a multirun starts from a clean DDP state
-            metrics = train(cfg)
+            metrics, outcome = train_run(cfg)
     except BaseException as error:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         write_result(output_dir, status, time.perf_counter() - start, {}, f"{type(error).__name__}: {error}")
-        if not isinstance(error, (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError)):
+        if not isinstance(error, (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError,
+                                  precision.PrecisionError)):
             raise
         log.error("%s", error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra marks this job failed, runs the others, and reports it at the end
         sys.exit(f"difflab-train: {error}")
-    write_result(output_dir, "ok", time.perf_counter() - start, metrics)
     name = cfg.get("optimized_metric")
-    if not name or not cfg.train:  # train=false only builds: there is nothing to report
-        return None
-    if name not in metrics:
+    if name and cfg.train and name not in metrics:  # train=false only builds: there is nothing to report
         message = (f"optimized_metric={name!r} was not logged by this run; available metrics: "
                    f"{', '.join(sorted(metrics)) or '(none)'}")
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            log.warning("%s", message)  # a single run has nothing to optimise: its outputs stand
-            return None
-        # A sweep must not silently optimise None: stop and say what the run did log.
-        log.error("%s", message)
-        sys.exit(f"difflab-train: {message}")
+        if _sweeper_optimises():
+            # An optimising sweeper must not be handed None: this job fails (its outputs stay),
+            # and Hydra goes on with the other jobs where the sweeper allows it.
+            write_result(output_dir, "failed", time.perf_counter() - start, metrics, message, outcome)
+            log.error("%s", message)
+            raise MissingMetricError(message)
+        log.warning("%s", message)  # nothing optimises it: the run's outputs stand
+    write_result(output_dir, outcome["status"], time.perf_counter() - start, metrics, outcome=outcome)
+    if not name or not cfg.train or name not in metrics:
+        return None
     return float(metrics[name])
+
+
+class MissingMetricError(RuntimeError):
+    """The metric an optimising sweeper asks for (optimized_metric) was never logged."""
+
+
+def _sweeper_optimises() -> bool:
+    """True in a multirun whose sweeper optimises the returned value (Optuna, Nevergrad, Ax)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    target = str(HydraConfig.get().sweeper.get("_target_", ""))
+    return not target.endswith("BasicSweeper")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,309 @@
+"""`precision: auto`: choose the training precision and memory layout by measuring, per machine.
+
+Why measure: the same torch build on two 2-core CPUs ran a bf16 training step ~7x faster
+than fp32 on one (AMX) and ~10x slower on the other (AVX2 only). No default may assume
+either, so on the CPU a short probe times a forward + backward of the run's own network at
+its own input shape in each candidate setting, and bf16 autocast is chosen only when it is
+clearly faster (`BF16_MIN_GAIN`). On CUDA the rule is fixed: bf16-mixed where the GPU
+supports bf16, else 16-mixed, channels_last.
+
+The result is cached under `<cache_dir>/precision/`, keyed by the network and input shape,
+and holds the machine it was measured on (CPU model, ISA flags, threads, torch version): a
+cache written on another machine is re-measured, never trusted.
+
+    decision = resolve("auto", "cpu", "auto", net, (64, 1, 28, 28), cache_dir=".cache")
+    decision.precision, decision.channels_last, decision.summary()
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger("difflab.precision")
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64")
+LAYOUTS = ("auto", True, False)
+BF16_MIN_GAIN = 1.3        # bf16 must beat fp32 by this factor to be chosen on the CPU
+CHANNELS_LAST_MIN_GAIN = 1.02  # channels_last must beat contiguous by this to be chosen
+PROBE_BATCH = 8            # images per probe step: small, so a slow bf16 costs seconds, not minutes
+PROBE_SECONDS = 0.25       # timed steps per candidate last at least this long (after one warm-up) ...
+PROBE_MAX_STEPS = 4        # ... or this many steps
+SLOW_FIRST_STEP = 3.0      # a candidate whose first step takes this x fp32's first step is slow
+CACHE_FORMAT = "difflab.precision/1"
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+class PrecisionError(ValueError):
+    """An unknown precision or layout value; the message lists the allowed ones."""
+
+
+def check_precision(value: Any, key: str = "trainer.precision") -> str:
+    """`value` as a precision string, or PrecisionError naming the allowed values."""
+    text = str(value)
+    if text not in PRECISIONS:
+        raise PrecisionError(f"{key}={value!r} is not a precision difflab knows; allowed: {', '.join(PRECISIONS)}")
+    return text
+
+
+def check_layout(value: Any, key: str = "channels_last") -> Any:
+    if value not in LAYOUTS or isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise PrecisionError(f"{key}={value!r} is not allowed; use auto, true or false")
+    return value
+
+
+# -- the machine ------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def isa_flags() -> list[str]:
+    """The instruction-set extensions that decide bf16 speed, as the kernel reports them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in _ISA_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+def machine() -> dict[str, Any]:
+    """What a probe result depends on besides the network: CPU, ISA, threads, torch."""
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    return {"cpu": cpu_model(), "isa": isa_flags(), "torch_cpu_capability": capability,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+# -- the probe --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Candidate:
+    precision: str        # a Lightning precision string
+    channels_last: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.precision}/{'channels_last' if self.channels_last else 'contiguous'}"
+
+
+FP32_NCHW, FP32_CL = Candidate("32-true", False), Candidate("32-true", True)
+BF16_CL = Candidate("bf16-mixed", True)
+
+
+def _autocast_dtype(precision: str) -> Optional[torch.dtype]:
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def time_candidate(net: nn.Module, shape: Sequence[int], candidate: Candidate, *,
+                   cond: Optional[torch.Tensor] = None, fp32_first: Optional[float] = None) -> tuple[float, float]:
+    """(first step, fastest timed step) in seconds, one step being a forward + backward of
+    `net` on `shape` in `candidate`'s setting. The first step pays for kernel selection, so
+    it is only compared with fp32's first step: when it alone takes `SLOW_FIRST_STEP` times
+    as long, the candidate is clearly slower and is not measured further (a bf16 that runs
+    at a tenth of fp32 is not worth more seconds)."""
+    model = copy.deepcopy(net).train()
+    memory_format = torch.channels_last if candidate.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator).contiguous(memory_format=memory_format)
+    t = torch.randint(0, 1000, (shape[0],), generator=generator)
+    dtype = _autocast_dtype(candidate.precision)
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x, t, cond) if cond is not None else model(x, t)
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    first = step()
+    if fp32_first is not None and first >= SLOW_FIRST_STEP * fp32_first:
+        return first, first
+    times: list[float] = []
+    while len(times) < PROBE_MAX_STEPS and (len(times) < 1 or sum(times) < PROBE_SECONDS):
+        times.append(step())
+    return first, min(times)
+
+
+def probe(net: nn.Module, shape: Sequence[int], candidates: Sequence[Candidate], *,
+          cond: Optional[torch.Tensor] = None,
+          timer: Callable[..., tuple[float, float]] = time_candidate) -> dict[str, float]:
+    """Images per second of each candidate, at a batch of at most `PROBE_BATCH` (fp32 first:
+    it is the yardstick)."""
+    batch_shape = (min(int(shape[0]), PROBE_BATCH), *shape[1:])
+    rates: dict[str, float] = {}
+    fp32_first = None
+    for candidate in sorted(candidates, key=lambda c: c.precision != "32-true"):
+        first, seconds = timer(net, batch_shape, candidate, cond=None if cond is None else cond[: batch_shape[0]],
+                               fp32_first=None if candidate.precision == "32-true" else fp32_first)
+        if candidate.precision == "32-true":
+            fp32_first = first if fp32_first is None else min(fp32_first, first)
+        rates[candidate.name] = batch_shape[0] / seconds
+    return rates
+
+
+# -- the decision -----------------------------------------------------------------------
+@dataclass
+class Decision:
+    """What a run trains in, and why."""
+
+    precision: str
+    channels_last: bool
+    requested: dict[str, Any]
+    device: str
+    source: str                    # probe | cache | rule | requested
+    rates: dict[str, float] = field(default_factory=dict)   # img/s per candidate, from the probe
+    warnings: list[str] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+    probe_seconds: Optional[float] = None
+
+    def ratio(self, precision: str, fp32: str = "32-true") -> Optional[float]:
+        """Best measured img/s of `precision` over the best of `fp32`, over both layouts."""
+        def best(p: str) -> Optional[float]:
+            values = [r for name, r in self.rates.items() if name.split("/")[0] == p]
+            return max(values) if values else None
+        a, b = best(precision), best(fp32)
+        return None if a is None or b is None else a / b
+
+    def summary(self) -> str:
+        layout = "channels_last" if self.channels_last else "contiguous"
+        text = f"precision {self.precision}, {layout} on {self.device} ({self.source}"
+        if self.rates:
+            text += "; probe img/s " + ", ".join(f"{k} {v:.1f}" for k, v in self.rates.items())
+        return text + ")"
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _signature(net: nn.Module, shape: Sequence[int]) -> str:
+    """The probe's cache key: the network's structure and parameter shapes, the input shape."""
+    text = repr(net) + repr([tuple(p.shape) for p in net.parameters()]) + repr(tuple(shape[1:]))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_path(cache_dir: str | Path, net: nn.Module, shape: Sequence[int], kind: str = "train") -> Path:
+    """Where the probe result for this network and input shape is cached."""
+    return Path(cache_dir) / "precision" / f"{kind}-{_signature(net, shape)}.json"
+
+
+def _read_cache(path: Path, here: dict[str, Any], needed: Sequence[Candidate]) -> Optional[dict[str, float]]:
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("precision probe cache %s is unreadable; measuring again", path)
+        return None
+    if record.get("format") != CACHE_FORMAT or record.get("machine") != here:
+        theirs = record.get("machine", {})
+        log.info("precision probe cache %s was measured on another machine or torch (%s, %s threads, torch %s); "
+                 "measuring again", path, theirs.get("cpu"), theirs.get("threads"), theirs.get("torch"))
+        return None
+    rates = record.get("rates", {})
+    return rates if all(c.name in rates for c in needed) else None
+
+
+def _write_cache(path: Path, here: dict[str, Any], rates: dict[str, float]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"format": CACHE_FORMAT, "machine": here, "rates": rates}, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError as error:  # a read-only cache only costs the next run a probe
+        log.warning("could not cache the precision probe at %s: %s", path, error)
+
+
+def cuda_precision() -> str:
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def device_kind(accelerator: Any) -> str:
+    """cuda or cpu: where a Lightning `accelerator` setting will train."""
+    name = str(accelerator).lower()
+    if name in ("gpu", "cuda"):
+        return "cuda"
+    if name == "auto" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve(precision: Any, accelerator: Any, channels_last: Any, net: nn.Module, shape: Sequence[int], *,
+            cache_dir: Optional[str | Path] = None, cond: Optional[torch.Tensor] = None,
+            timer: Callable[..., tuple[float, float]] = time_candidate, kind: str = "train") -> Decision:
+    """Decide precision and layout for training `net` on batches of `shape` [B, C, H, W].
+
+    Explicit settings win; `auto` ones are decided here. On the CPU an explicit bf16-mixed
+    (or 16-mixed, which Lightning runs as bf16-mixed on the CPU) is still measured, and runs
+    with a warning giving the measured ratio when it is slower than fp32.
+    """
+    requested = {"precision": check_precision(precision), "channels_last": check_layout(channels_last)}
+    device = device_kind(accelerator)
+    if device == "cuda":
+        chosen = cuda_precision() if requested["precision"] == "auto" else requested["precision"]
+        layout = True if channels_last == "auto" else bool(channels_last)
+        return Decision(chosen, layout, requested, device, "rule" if "auto" in requested.values() else "requested")
+
+    asked = requested["precision"]
+    warnings = []
+    if asked == "16-mixed":
+        warnings.append("precision 16-mixed is not available on the CPU (no fp16 autocast there); "
+                        "Lightning runs bf16-mixed instead")
+        asked = "bf16-mixed"
+    wants_bf16 = asked in ("auto", "bf16-mixed", "bf16-true")
+    candidates = [FP32_NCHW, FP32_CL] if channels_last == "auto" else [Candidate("32-true", bool(channels_last))]
+    if wants_bf16:
+        candidates.append(Candidate("bf16-mixed", True if channels_last == "auto" else bool(channels_last)))
+    if asked not in ("auto", "bf16-mixed", "bf16-true") and channels_last != "auto":
+        return Decision(asked, bool(channels_last), requested, device, "requested", warnings=warnings)
+
+    here = machine()
+    path = cache_path(cache_dir, net, shape, kind) if cache_dir is not None else None
+    rates = _read_cache(path, here, candidates) if path is not None else None
+    source, seconds = "cache", None
+    if rates is None:
+        start = time.perf_counter()
+        rates = probe(net, shape, candidates, cond=cond, timer=timer)
+        seconds = round(time.perf_counter() - start, 2)
+        source = "probe"
+        if path is not None:
+            _write_cache(path, here, rates)
+    decision = Decision(asked, True, requested, device, source, rates, warnings, here, seconds)
+
+    fp32_layouts = {c.channels_last: rates[c.name] for c in candidates if c.precision == "32-true"}
+    best_fp32_layout = max(fp32_layouts, key=fp32_layouts.get)
+    if len(fp32_layouts) == 2 and best_fp32_layout and fp32_layouts[True] < CHANNELS_LAST_MIN_GAIN * fp32_layouts[False]:
+        best_fp32_layout = False  # a tie is no reason to convert every batch
+    bf16_gain = decision.ratio("bf16-mixed")
+    if asked == "auto":
+        use_bf16 = bf16_gain is not None and bf16_gain >= BF16_MIN_GAIN
+        decision.precision = "bf16-mixed" if use_bf16 else "32-true"
+    elif bf16_gain is not None and bf16_gain < 1.0:
+        warnings.append(f"precision {asked} was asked for, but on this CPU ({here['cpu']}) it measured "
+                        f"{bf16_gain:.2f}x the speed of 32-true; training will be about {1 / bf16_gain:.1f}x slower. "
+                        "Leave trainer.precision at auto (or set 32-true) to train in float32")
+    if channels_last == "auto":
+        decision.channels_last = True if decision.precision != "32-true" else best_fp32_layout
+    else:
+        decision.channels_last = bool(channels_last)
+    return decision
+
