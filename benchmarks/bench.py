@@ -1,6 +1,6 @@
 """`make bench`: difflab's U-Net next to the peer U-Nets, in one run on one machine.
 
-    python benchmarks/bench.py [--peer PATH] [--quick] [--compile]
+    python benchmarks/bench.py [--peer PATH] [--quick] [--compile] [--out DIR]
 
 The peers and the measuring protocol (batch, warm-up, iterations, Adam step, MSE to eps,
 FLOP counting) come from importing the peer script (default ../shared/peer_bench.py from
@@ -8,7 +8,14 @@ the repo root), so both sides are timed by the same functions. If that script or
 package is missing, a note says so and difflab's numbers are still reported, timed by a
 local stand-in of the same protocol.
 
-Prints one JSON object on stdout; a human-readable table goes to stderr.
+Every model is timed in four settings (fp32 / bf16 autocast x contiguous / channels_last)
+and compared at its own fastest one. The run also measures this machine's matmul peak in
+fp32 and bf16, so each rate is reported as a fraction of the peak of the precision it ran
+in; it names the machine and what `precision: auto` chooses for the default model; and it
+measures gradient checkpointing (speed and peak memory of a training step).
+
+Prints one JSON object on stdout (also kept in `--out`, default outputs/bench/); a
+human-readable table goes to stderr.
 """
 
 from __future__ import annotations
@@ -16,15 +23,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import resource
+import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from difflab.models import UNet, to_channels_last
+from difflab.models import UNet
+from difflab.training import precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PEER = REPO_ROOT.parent / "shared" / "peer_bench.py"
@@ -34,6 +45,8 @@ PEER_CONFIG = dict(
     in_channels=1, base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=1,
     attention_levels=(1,), mid_attention=True, num_groups=8, image_size=28,
 )
+DEFAULT_CONFIG = {**PEER_CONFIG, "attention_levels": ()}  # conf/model/unet_mnist.yaml
+SETTINGS = [(p, layout) for p in ("fp32", "bf16") for layout in ("contiguous", "channels_last")]
 
 
 def load_peer(path: Path) -> tuple[ModuleType | None, str | None]:
@@ -97,83 +110,147 @@ def local_protocol(batch: int = 64, shape=(1, 28, 28), iters: int = 8, warmup: i
     return protocol
 
 
-def plain(model, x, t):
-    return model(x, t)
+# -- the machine ------------------------------------------------------------------------
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
+    """GFLOP/s of an n x n matmul in `dtype` on this machine (best of repeated runs)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        a @ b
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * n**3 / best / 1e9
 
 
-def channels_last_input(model, x, t):
-    return model(x.contiguous(memory_format=CL), t)
+def auto_choice() -> dict:
+    """What `precision: auto` decides for the default model at the default batch (a fresh probe)."""
+    torch.manual_seed(0)
+    decision = precision.resolve("auto", "cpu", "auto", UNet(**DEFAULT_CONFIG), (64, 1, 28, 28))
+    return {"precision": decision.precision, "channels_last": decision.channels_last,
+            "probe_img_s": decision.rates, "probe_seconds": decision.probe_seconds}
 
 
-def under_bf16(fwd):
-    """Wrap a forward so evaluation runs under bf16 autocast (eval_rate has no flag)."""
-
+# -- timing one model in every setting --------------------------------------------------
+def _forward(fwd, channels_last: bool, bf16_eval: bool):
     def forward(model, x, t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        if channels_last:
+            x = x.contiguous(memory_format=CL)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_eval):
             return fwd(model, x, t)
 
     return forward
 
 
-def fresh_unet() -> UNet:
-    torch.manual_seed(0)
-    return UNet(**PEER_CONFIG)
+def flops_forward(model, fwd, protocol) -> float:
+    x, t = torch.randn(protocol.BATCH, *protocol.SHAPE), torch.randint(0, 1000, (protocol.BATCH,))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fwd(model, x, t)
+    return counter.get_total_flops() / protocol.BATCH
 
 
-def bench_difflab(protocol, compile_too: bool) -> dict:
-    """fp32 as-is (NCHW), fp32 channels_last, and bf16 autocast channels_last."""
-    model = fresh_unet()
+def bench_model(protocol, build, rough_bf16: bool) -> dict:
+    """Train and denoise img/s in every setting; `build()` -> (fresh model, forward fn)."""
+    model, fwd = build()
     result = {
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-        "train_gflop_per_img": protocol.flops_per_image(model, plain) / 1e9,
-        "train_img_s_fp32": protocol.train_rate(model, plain),
-        "denoise_img_s_fp32": protocol.eval_rate(model.eval(), plain),
+        "train_gflop_per_img": protocol.flops_per_image(model, fwd) / 1e9,
+        "denoise_gflop_per_img": flops_forward(model, fwd, protocol) / 1e9,
+        "train_img_s": {}, "denoise_img_s": {},
     }
-    model = to_channels_last(fresh_unet())
-    result["train_img_s_fp32_channels_last"] = protocol.train_rate(model, channels_last_input)
-    result["train_img_s_bf16"] = protocol.train_rate(model, channels_last_input, bf16=True)
-    model.eval()
-    result["denoise_img_s_bf16"] = protocol.eval_rate(model, under_bf16(channels_last_input))
-    if compile_too:
-        model = to_channels_last(fresh_unet())
-        compiled = torch.compile(model, fullgraph=True)
-        start = time.perf_counter()
-        result["compiled_train_img_s_bf16"] = protocol.train_rate(
-            compiled, channels_last_input, bf16=True
-        )
-        compiled.eval()
-        result["compiled_denoise_img_s_bf16"] = protocol.eval_rate(
-            compiled, under_bf16(channels_last_input)
-        )
-        result["compile_and_bench_s"] = time.perf_counter() - start
+    for dtype, layout in SETTINGS:
+        name = f"{dtype}/{layout}"
+        saved = protocol.ITERS, protocol.WARMUP
+        if dtype == "bf16" and rough_bf16:  # bf16 far slower than fp32 here: one timed step is enough
+            protocol.ITERS, protocol.WARMUP = 1, 1
+        try:
+            model, fwd = build()
+            if layout == "channels_last":
+                model = model.to(memory_format=CL)
+            result["train_img_s"][name] = protocol.train_rate(
+                model, _forward(fwd, layout == "channels_last", False), bf16=dtype == "bf16")
+            model.eval()
+            result["denoise_img_s"][name] = protocol.eval_rate(
+                model, _forward(fwd, layout == "channels_last", dtype == "bf16"))
+        finally:
+            protocol.ITERS, protocol.WARMUP = saved
+    for kind in ("train", "denoise"):
+        rates = result[f"{kind}_img_s"]
+        best = max(rates, key=rates.get)
+        result[f"best_{kind}"] = {"setting": best, "img_s": rates[best]}
     return result
 
 
-def bench_peer(protocol, build) -> dict:
-    """The peer script's own measurements, plus bf16 evaluation for a like-for-like row."""
-    model, fwd = build()
-    return {
-        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-        "train_gflop_per_img": protocol.flops_per_image(model, fwd) / 1e9,
-        "train_img_s_fp32": protocol.train_rate(model, fwd),
-        "train_img_s_bf16": protocol.train_rate(model, fwd, bf16=True),
-        "denoise_img_s_fp32": protocol.eval_rate(model.eval(), fwd),
-        "denoise_img_s_bf16": protocol.eval_rate(model, under_bf16(fwd)),
-    }
+def peak_fraction(result: dict, peaks: dict) -> None:
+    """Achieved GFLOP/s of each model's best setting over the matmul peak of its precision."""
+    for kind in ("train", "denoise"):
+        best = result[f"best_{kind}"]
+        gflops = best["img_s"] * result[f"{kind}_gflop_per_img"]
+        best["gflop_s"] = gflops
+        best["fraction_of_matmul_peak"] = gflops / peaks[best["setting"].split("/")[0]]
 
 
+# -- gradient checkpointing: speed and peak memory --------------------------------------
+def _memory_child(config: dict, batch: int, checkpointing: bool, bf16: bool, steps: int = 3) -> dict:
+    """Run in a fresh process: peak resident memory a training step adds over the built model."""
+    torch.manual_seed(0)
+    model = UNet(**config, gradient_checkpointing=checkpointing).to(memory_format=CL)
+    optimiser = torch.optim.Adam(model.parameters(), 1e-4)
+    size = config["image_size"]
+    x = torch.randn(batch, config["in_channels"], size, size).contiguous(memory_format=CL)
+    t = torch.randint(0, 1000, (batch,))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x, t).float().square().mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"step_peak_mb": (after - before) / 1024}
+
+
+def bench_checkpointing(protocol, bf16: bool) -> dict:
+    out = {"precision": "bf16" if bf16 else "fp32"}
+    for checkpointing in (False, True):
+        key = "checkpointing" if checkpointing else "plain"
+        model = UNet(**PEER_CONFIG, gradient_checkpointing=checkpointing).to(memory_format=CL)
+        out[f"{key}_train_img_s"] = protocol.train_rate(model, _forward(lambda m, x, t: m(x, t), True, False),
+                                                        bf16=bf16)
+        args = (PEER_CONFIG, protocol.BATCH, checkpointing, bf16)
+        code = f"import json, bench; print(json.dumps(bench._memory_child(*json.loads({json.dumps(json.dumps(args))}))))"
+        child = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
+                               text=True, timeout=600)
+        out[f"{key}_step_peak_mb"] = json.loads(child.stdout)["step_peak_mb"] if child.returncode == 0 else None
+    if out["plain_step_peak_mb"] and out["checkpointing_step_peak_mb"] is not None:
+        out["memory_saving"] = 1 - out["checkpointing_step_peak_mb"] / out["plain_step_peak_mb"]
+    out["speed_cost"] = 1 - out["checkpointing_train_img_s"] / out["plain_train_img_s"]
+    return out
+
+
+def bench_compiled(protocol, bf16: bool) -> dict:
+    model = UNet(**PEER_CONFIG).to(memory_format=CL)
+    compiled = torch.compile(model, fullgraph=True)
+    start = time.perf_counter()
+    train = protocol.train_rate(compiled, _forward(lambda m, x, t: m(x, t), True, False), bf16=bf16)
+    compiled.eval()
+    denoise = protocol.eval_rate(compiled, _forward(lambda m, x, t: m(x, t), True, bf16))
+    return {"precision": "bf16" if bf16 else "fp32", "train_img_s": train, "denoise_img_s": denoise,
+            "compile_and_bench_s": time.perf_counter() - start}
+
+
+# -- report -----------------------------------------------------------------------------
 def table(out: dict) -> str:
-    columns = [
-        ("params_M", "params M"), ("train_gflop_per_img", "GFLOP/img"),
-        ("train_img_s_fp32", "train fp32"), ("train_img_s_bf16", "train bf16"),
-        ("denoise_img_s_fp32", "eval fp32"), ("denoise_img_s_bf16", "eval bf16"),
-    ]
-    rows = [f"{'img/s':12s}" + "".join(f"{title:>12s}" for _, title in columns)]
-    for name in ("difflab", "diffusers", "lucidrains"):
-        if isinstance(out.get(name), dict):
-            cells = [out[name].get(key) for key, _ in columns]
-            text = [f"{c:12.2f}" if c is not None else f"{'-':>12s}" for c in cells]
-            rows.append(f"{name:12s}" + "".join(text))
+    head = (f"{'model':22s}{'params M':>9s}{'GFLOP/img':>10s}  {'best train setting':24s}{'img/s':>8s}{'peak':>6s}"
+            f"  {'best denoise setting':24s}{'img/s':>8s}{'peak':>6s}")
+    rows = [head]
+    for name, result in out["models"].items():
+        tr, de = result["best_train"], result["best_denoise"]
+        rows.append(f"{name:22s}{result['params_M']:9.2f}{result['train_gflop_per_img']:10.2f}  "
+                    f"{tr['setting']:24s}{tr['img_s']:8.1f}{tr['fraction_of_matmul_peak']:6.0%}  "
+                    f"{de['setting']:24s}{de['img_s']:8.1f}{de['fraction_of_matmul_peak']:6.0%}")
     return "\n".join(rows)
 
 
@@ -182,39 +259,74 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="path of peer_bench.py")
     parser.add_argument("--quick", action="store_true", help="fewer timed iterations (noisier)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd difflab")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "bench", help="where the JSON is kept")
     args = parser.parse_args(argv)
 
     peer, note = load_peer(args.peer)
     protocol = peer if peer is not None else local_protocol()
     if args.quick:  # the peer functions read these module globals at call time
         protocol.ITERS, protocol.WARMUP = 3, 1
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    rough_bf16 = peaks["bf16"] < 0.5 * peaks["fp32"]
     out = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "machine": precision.machine(),
+        "matmul_peak_gflop_s": peaks,
+        "auto": auto_choice(),
         "protocol": {"batch": protocol.BATCH, "shape": list(protocol.SHAPE),
                      "iters": protocol.ITERS, "warmup": protocol.WARMUP,
                      "source": str(args.peer) if peer is not None else "local stand-in"},
         "notes": [note] if note else [],
+        "models": {},
     }
-    torch.manual_seed(0)
-    out["difflab"] = bench_difflab(protocol, args.compile)
+    if rough_bf16:
+        out["notes"].append("bf16 matmul is slower than half of fp32 here: bf16 settings timed over one step")
+
+    def ours(config):
+        def build():
+            torch.manual_seed(0)
+            return UNet(**config), (lambda m, x, t: m(x, t))
+        return build
+
+    out["models"]["difflab (peer config)"] = bench_model(protocol, ours(PEER_CONFIG), rough_bf16)
+    out["models"]["difflab unet_mnist"] = bench_model(protocol, ours(DEFAULT_CONFIG), rough_bf16)
     if peer is not None:
         for name, builder in (("diffusers", "diffusers_unet"), ("lucidrains", "lucidrains_unet")):
             try:
-                out[name] = bench_peer(protocol, getattr(peer, builder))
+                out["models"][name] = bench_model(protocol, getattr(peer, builder), rough_bf16)
             except ImportError as error:
                 out["notes"].append(f"{name} peer skipped: {error}")
-    if isinstance(out.get("diffusers"), dict):
-        ours, theirs = out["difflab"], out["diffusers"]
+    for result in out["models"].values():
+        peak_fraction(result, peaks)
+    if "diffusers" in out["models"]:
+        ours_best, theirs = out["models"]["difflab (peer config)"], out["models"]["diffusers"]
         out["speedup_vs_diffusers"] = {
-            "train_bf16_vs_their_fp32": ours["train_img_s_bf16"] / theirs["train_img_s_fp32"],
-            "train_bf16_vs_their_bf16": ours["train_img_s_bf16"] / theirs["train_img_s_bf16"],
-            "denoise_bf16_vs_their_bf16": ours["denoise_img_s_bf16"] / theirs["denoise_img_s_bf16"],
-        }
-    print(json.dumps(out, indent=1))
+            kind: ours_best[f"best_{kind}"]["img_s"] / theirs[f"best_{kind}"]["img_s"] for kind in ("train", "denoise")}
+    out["gradient_checkpointing"] = bench_checkpointing(protocol, bf16=out["auto"]["precision"] != "32-true")
+    if args.compile:
+        out["compiled"] = bench_compiled(protocol, bf16=out["auto"]["precision"] != "32-true")
+
+    text = json.dumps(out, indent=1)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    kept = args.out / f"bench-{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+    kept.write_text(text + "\n")
+    m = out["machine"]
+    print(f"machine: {m['cpu']} | ISA {', '.join(m['isa']) or '-'} ({m['torch_cpu_capability']}) | "
+          f"{m['threads']} threads | torch {m['torch']}", file=sys.stderr)
+    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s | precision auto: "
+          f"{out['auto']['precision']}, channels_last={out['auto']['channels_last']}", file=sys.stderr)
     print(table(out), file=sys.stderr)
+    if "speedup_vs_diffusers" in out:
+        s = out["speedup_vs_diffusers"]
+        print(f"difflab vs diffusers, each at its fastest: train {s['train']:.2f}x, denoise {s['denoise']:.2f}x",
+              file=sys.stderr)
+    g = out["gradient_checkpointing"]
+    print(f"gradient checkpointing ({g['precision']}): train {g['plain_train_img_s']:.1f} -> "
+          f"{g['checkpointing_train_img_s']:.1f} img/s ({g['speed_cost']:.0%} slower); step peak memory "
+          f"{g['plain_step_peak_mb']} -> {g['checkpointing_step_peak_mb']} MB", file=sys.stderr)
     for line in out["notes"]:
         print("note:", line, file=sys.stderr)
+    print(f"kept: {kept}", file=sys.stderr)
     return out
 
 

@@ -229,3 +229,31 @@ def test_traces_without_graph_breaks_under_torch_compile_fullgraph():
         out_null = compiled(x, t.float())
     out.float().mean().backward()
     assert out.shape == x.shape and out_null.shape == x.shape
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=1, base_channels=16, channel_mults=(1, 2), attention_levels=(1,), num_groups=4,
+                  image_size=8)
+    plain, checkpointed = UNet(**kwargs), UNet(**kwargs, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    for p in plain.parameters():  # zero-initialised output convs would hide the blocks' gradients
+        torch.nn.init.normal_(p, std=0.05)
+    checkpointed.load_state_dict(plain.state_dict())
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([1, 10, 100, 999])
+    recomputed = []
+    block = checkpointed.down_blocks[0][0].res
+    block.register_forward_pre_hook(lambda *args: recomputed.append(torch.is_grad_enabled()))
+    outputs = []
+    for net in (plain, checkpointed):
+        out = net(x, t)
+        out.square().mean().backward()
+        outputs.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    assert len(recomputed) == 2  # forward, then again in backward: the block was recomputed
+    torch.testing.assert_close(outputs[0][0], outputs[1][0])
+    for a, b in zip(outputs[0][1], outputs[1][1]):
+        torch.testing.assert_close(a, b)
+    recomputed.clear()
+    with torch.no_grad():
+        checkpointed(x, t)
+    assert recomputed == [False]  # no grad: nothing to recompute

@@ -70,6 +70,7 @@ class UNetConfig:
     num_classes: Optional[int] = None
     image_size: Optional[int] = None  # null: taken from the data
     time_embed_mult: int = 4
+    gradient_checkpointing: bool = False
 
     def validate(self, key: str) -> None:
         _check(self.base_channels >= 1, f"{key}.base_channels", self.base_channels, "an integer >= 1")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from difflab.models.layers import (
     Downsample,
@@ -71,6 +72,8 @@ class UNet(nn.Module):
             class, used when ``cond`` is None (classifier-free guidance drops to it).
         image_size: if given, checked at construction to be divisible by the downsampling.
         time_embed_mult: the time/class embedding has ``base_channels * time_embed_mult`` dims.
+        gradient_checkpointing: in training, keep only each block's input and recompute the
+            block in the backward pass: less activation memory for one more forward of compute.
 
     ``t`` may be integer or fractional timesteps [B], or a scalar used for the whole batch.
     For speed on CPU, call ``to_channels_last(model)`` and run under bf16 autocast.
@@ -91,12 +94,14 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         image_size: int | None = None,
         time_embed_mult: int = 4,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         channel_mults = tuple(channel_mults)
         attention_levels = tuple(attention_levels)
         _check_config(base_channels, channel_mults, attention_levels, num_groups, num_res_blocks)
         self.in_channels = in_channels
+        self.gradient_checkpointing = gradient_checkpointing
         self.out_channels = in_channels if out_channels is None else out_channels
         self.num_classes = num_classes
         self.image_size = image_size  # None: any size divisible by size_divisor (samplers need a shape)
@@ -159,26 +164,33 @@ class UNet(nn.Module):
         self._check_input(x)
         embed_act = F.silu(self._embed(x, t, cond))  # every block starts with SiLU: do it once
 
+        run = self._run_block
         h = self.conv_in(x)
         skips = [h]
         for level, blocks in enumerate(self.down_blocks):
             for blk in blocks:
-                h = blk(h, embed_act)
+                h = run(blk, h, embed_act)
                 skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)
                 skips.append(h)
 
         for blk in self.mid:
-            h = blk(h, embed_act)
+            h = run(blk, h, embed_act)
 
         for i, blocks in enumerate(self.up_blocks):
             for blk in blocks:
-                h = blk(torch.cat([h, skips.pop()], dim=1), embed_act)
+                h = run(blk, torch.cat([h, skips.pop()], dim=1), embed_act)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
 
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _run_block(self, block: nn.Module, h: Tensor, embed_act: Tensor) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: keeps autocast and RNG state, and traces under compile.
+            return checkpoint(block, h, embed_act, use_reentrant=False)
+        return block(h, embed_act)
 
     def _embed(self, x: Tensor, t: Tensor | float, cond: Tensor | None) -> Tensor:
         batch = x.shape[0]
