@@ -138,3 +138,42 @@ def test_bad_objective_and_weighting():
         training_target(SCHEDULE, "epsilon", x0, t, noise)
     with pytest.raises(ValueError, match="min_snr_gamma"):
         diffusion_loss(SCHEDULE, net, x0, weighting="min_snr", min_snr_gamma=0.0)
+
+
+def test_logsnr_normal_timesteps_follow_the_density_and_uniform_stays_uniform():
+    from difflab.diffusion.losses import sample_timesteps
+
+    schedule = NoiseSchedule("cosine", num_timesteps=1000)
+    t = sample_timesteps(schedule, 50_000, density="logsnr_normal", logsnr_mean=1.0, logsnr_std=2.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < 1000
+    log_snr = schedule.log_snr[t]
+    assert abs(float(log_snr.mean()) - 1.0) < 0.05 and abs(float(log_snr.std()) - 2.0) < 0.05
+    # Each draw lands on the timestep whose log-SNR is nearest: no neighbour is closer.
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(3, generator=torch.Generator().manual_seed(1))
+    picked = sample_timesteps(schedule, 3, density="logsnr_normal", logsnr_mean=0.0, logsnr_std=1.0,
+                              generator=generator)
+    for value, step in zip(noise, picked):
+        distances = (schedule.log_snr - value).abs()
+        assert distances[step] == distances.min()
+    uniform = sample_timesteps(schedule, 50_000, generator=torch.Generator().manual_seed(0))
+    assert abs(float(uniform.float().mean()) - 499.5) < 5
+    with pytest.raises(ValueError, match="uniform, logsnr_normal"):
+        sample_timesteps(schedule, 4, density="lognormal")
+
+
+def test_the_training_density_reaches_the_loss():
+    from difflab.diffusion.losses import diffusion_loss as loss_fn
+
+    schedule = NoiseSchedule("cosine", num_timesteps=1000)
+    seen = []
+
+    def net(xt, t, cond):
+        seen.append(t.clone())
+        return torch.zeros_like(xt)
+
+    x0 = torch.zeros(4096, 1, 2, 2)
+    loss_fn(schedule, net, x0, timesteps="logsnr_normal", logsnr_mean=6.0, logsnr_std=0.5)
+    loss_fn(schedule, net, x0)
+    assert seen[0].float().mean() < 200 < seen[1].float().mean()  # high log-SNR: early timesteps

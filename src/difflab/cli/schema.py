@@ -112,9 +112,15 @@ class ObjectiveConfig:
     prediction: str = "eps"
     weighting: str = "none"
     min_snr_gamma: float = 5.0
+    timesteps: str = "uniform"
+    logsnr_mean: float = 2.0
+    logsnr_std: float = 2.4
 
     def validate(self, key: str) -> None:
         _check(self.prediction in ("eps", "x0", "v"), f"{key}.prediction", self.prediction, "eps, x0 or v")
+        _check(self.timesteps in ("uniform", "logsnr_normal"), f"{key}.timesteps", self.timesteps,
+               "uniform or logsnr_normal")
+        _check(self.logsnr_std > 0, f"{key}.logsnr_std", self.logsnr_std, "a number > 0")
         _check(self.weighting in ("none", "min_snr"), f"{key}.weighting", self.weighting, "none or min_snr")
         _check(self.min_snr_gamma > 0, f"{key}.min_snr_gamma", self.min_snr_gamma, "a number > 0")
 

@@ -4,6 +4,12 @@
 - ``"x0"``: predict the clean sample.
 - ``"v"``: predict the velocity ``sqrt(a) eps - sqrt(1 - a) x_0`` (Salimans & Ho 2022).
 
+Noise-level density ``timesteps``: ``"uniform"`` draws t ~ U{0..T-1} (DDPM); ``"logsnr_normal"``
+draws log-SNR ~ N(mean, std) and takes the timestep nearest to it, EDM's log-normal density
+over sigma (Karras et al. 2022, sec. 5, P_mean/P_std) in VP terms: log SNR = -2 log sigma. It
+spends the training steps on the mid noise levels where samples take shape, instead of on
+nearly clean or nearly pure-noise inputs.
+
 Weighting ``"min_snr"`` is Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training
 via Min-SNR Weighting Strategy"): the x_0-space loss is weighted by ``min(SNR_t, gamma)``,
 which, rewritten for each target, is ``min(SNR, gamma) / SNR`` for eps,
@@ -22,6 +28,26 @@ from .schedule import NoiseSchedule, extract
 
 OBJECTIVES = ("eps", "x0", "v")
 WEIGHTINGS = ("none", "min_snr")
+TIMESTEP_DENSITIES = ("uniform", "logsnr_normal")
+
+
+def sample_timesteps(schedule: NoiseSchedule, batch: int, *, density: str = "uniform", logsnr_mean: float = 2.0,
+                     logsnr_std: float = 2.4, device: torch.device | str | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training timesteps [B] (long) drawn from the noise-level ``density`` (see module doc)."""
+    if density == "uniform":
+        return torch.randint(0, schedule.num_timesteps, (batch,), device=device, generator=generator)
+    if density != "logsnr_normal":
+        raise ValueError(f"unknown timestep density {density!r}; allowed: {', '.join(TIMESTEP_DENSITIES)}")
+    if logsnr_std <= 0:
+        raise ValueError(f"logsnr_std must be > 0, got {logsnr_std}")
+    target = logsnr_mean + logsnr_std * torch.randn(batch, device=device, generator=generator)
+    # log_snr falls with t: search the rising -log_snr, then pick the nearer neighbour.
+    rising = -schedule.log_snr.to(target.device)
+    right = torch.searchsorted(rising, -target).clamp(1, schedule.num_timesteps - 1)
+    left = right - 1
+    nearer_left = (rising[right] + target).abs() > (rising[left] + target).abs()
+    return torch.where(nearer_left, left, right)
 
 
 def _check_objective(objective: str) -> None:
@@ -65,10 +91,13 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     weighting: str = "none",
     min_snr_gamma: float = 5.0,
+    timesteps: str = "uniform",
+    logsnr_mean: float = 2.0,
+    logsnr_std: float = 2.4,
 ) -> torch.Tensor:
     """Scalar denoising loss for a batch of clean samples ``x0`` (DDPM Alg. 1).
 
-    Draws ``t ~ U{0, .., T-1}`` and ``noise ~ N(0, I)`` unless given (``generator`` must
+    Draws ``t`` from the ``timesteps`` density (default ``U{0, .., T-1}``) and ``noise ~ N(0, I)`` unless given (``generator`` must
     live on x0's device), forms ``x_t = q_sample(x0, t, noise)``, calls ``net(x_t, t, cond)``
     and returns the (optionally weighted) mean squared error to the objective's target.
     The error is computed in float32 even if the network ran under bf16 autocast.
@@ -80,7 +109,8 @@ def diffusion_loss(
         raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
     batch = x0.shape[0]
     if t is None:
-        t = torch.randint(0, schedule.num_timesteps, (batch,), device=x0.device, generator=generator)
+        t = sample_timesteps(schedule, batch, density=timesteps, logsnr_mean=logsnr_mean, logsnr_std=logsnr_std,
+                             device=x0.device, generator=generator)
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = q_sample(schedule, x0, t, noise)

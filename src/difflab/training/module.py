@@ -33,6 +33,9 @@ class DiffusionModule(pl.LightningModule):
         sampler: the sampler used for sample grids (any `difflab.diffusion.samplers.Sampler`).
         prediction: what the network is trained to predict: "eps", "x0" or "v".
         weighting: loss weighting over timesteps: "none" (the simplified loss) or "min_snr".
+        timesteps: training noise-level density: "uniform" or "logsnr_normal" (with
+            `logsnr_mean`, `logsnr_std`; see difflab.diffusion.losses). Validation always
+            draws uniform timesteps, so val/loss compares across densities.
         p_uncond: for a class-conditional network, the probability that a training label is
             replaced by the null class (condition dropout for classifier-free guidance).
         guidance_scale: classifier-free guidance scale used by `sample` when labels are
@@ -42,7 +45,8 @@ class DiffusionModule(pl.LightningModule):
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, sampler: Any, *, prediction: str = "eps",
-                 weighting: str = "none", min_snr_gamma: float = 5.0, lr: float = 1e-3,
+                 weighting: str = "none", min_snr_gamma: float = 5.0, timesteps: str = "uniform",
+                 logsnr_mean: float = 2.0, logsnr_std: float = 2.4, lr: float = 1e-3,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  lr_schedule: str = "constant", min_lr_ratio: float = 0.1, channels_last: bool = True,
                  compile: bool = False, p_uncond: float = 0.1, guidance_scale: Optional[float] = None,
@@ -88,15 +92,17 @@ class DiffusionModule(pl.LightningModule):
             _reseed_for_rank(self.trainer.global_rank)
 
     def loss(self, images: torch.Tensor, cond: Optional[torch.Tensor] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, train: bool = False) -> torch.Tensor:
         net = self._compiled_net if (self._compiled_net is not None and self.training) else self.net
-        return diffusion_loss(self.schedule, net, images, objective=self.hparams.prediction, cond=cond,
-                              generator=generator, weighting=self.hparams.weighting,
-                              min_snr_gamma=self.hparams.min_snr_gamma)
+        hp = self.hparams
+        return diffusion_loss(self.schedule, net, images, objective=hp.prediction, cond=cond,
+                              generator=generator, weighting=hp.weighting, min_snr_gamma=hp.min_snr_gamma,
+                              timesteps=hp.timesteps if train else "uniform", logsnr_mean=hp.logsnr_mean,
+                              logsnr_std=hp.logsnr_std)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, cond = self._batch(batch, train=True)
-        loss = self.loss(images, cond)
+        loss = self.loss(images, cond, train=True)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
         return loss
 
