@@ -36,6 +36,29 @@ def no_timer(*args, **kwargs):
     raise AssertionError("the probe ran, but it should not have")
 
 
+@pytest.fixture(autouse=True)
+def bf16_arithmetic(monkeypatch):
+    """The quick matmul check passes (as on a CPU with bf16 arithmetic), unless a test says
+    otherwise: the fake network timings then decide, on whatever CPU runs the tests."""
+    monkeypatch.setattr(P, "matmul_gain", lambda: 3.0)
+
+
+def test_a_cpu_without_bf16_arithmetic_skips_the_bf16_probe(tmp_path):
+    calls = []
+    decision = P.resolve("auto", "cpu", "auto", tiny_net(), SHAPE, cache_dir=tmp_path,
+                         timer=fake_timer(SLOW_BF16, calls), bf16_check=lambda: 0.01)
+    assert sorted(calls) == ["32-true/channels_last", "32-true/contiguous"]
+    assert (decision.precision, decision.ratio("bf16-mixed")) == ("32-true", 0.01)
+    assert "not worth a probe" in decision.summary()
+    again = P.resolve("auto", "cpu", "auto", tiny_net(), SHAPE, cache_dir=tmp_path, timer=no_timer,
+                      bf16_check=no_timer)  # both the matmul check and the rates come from the cache
+    assert (again.source, again.precision, again.bf16_matmul_gain) == ("cache", "32-true", 0.01)
+    calls.clear()  # asked for explicitly, bf16 is measured on the network, for an honest warning
+    forced = P.resolve("bf16-mixed", "cpu", "auto", tiny_net(), SHAPE, cache_dir=tmp_path,
+                       timer=fake_timer(SLOW_BF16, calls))
+    assert calls == ["bf16-mixed/channels_last"] and "0.08x the speed" in forced.warnings[0]
+
+
 FAST_BF16 = {"32-true/contiguous": 100.0, "32-true/channels_last": 110.0, "bf16-mixed/channels_last": 300.0}
 SLOW_BF16 = {"32-true/contiguous": 100.0, "32-true/channels_last": 130.0, "bf16-mixed/channels_last": 10.0}
 

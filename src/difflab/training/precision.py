@@ -37,7 +37,8 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "1
 LAYOUTS = ("auto", True, False)
 BF16_MIN_GAIN = 1.3        # bf16 must beat fp32 by this factor to be chosen on the CPU
 CHANNELS_LAST_MIN_GAIN = 1.02  # channels_last must beat contiguous by this to be chosen
-PROBE_BATCH = 8            # images per probe step: small, so a slow bf16 costs seconds, not minutes
+PROBE_BATCH = 16           # images per probe step (8 was too noisy: its ratios swung 1.1x-1.6x here)
+HOPELESS_BF16 = 0.5        # a bf16 matmul below this x fp32's: bf16 is not worth probing on the network
 PROBE_SECONDS = 0.25       # timed steps per candidate last at least this long (after one warm-up) ...
 PROBE_MAX_STEPS = 4        # ... or this many steps
 SLOW_FIRST_STEP = 3.0      # a candidate whose first step takes this x fp32's first step is slow
@@ -161,6 +162,22 @@ def probe(net: nn.Module, shape: Sequence[int], candidates: Sequence[Candidate],
     return rates
 
 
+def matmul_gain(n: int = 256, repeats: int = 5) -> float:
+    """bf16 over fp32 speed of an n x n matmul: a ~50 ms check that tells a CPU without bf16
+    arithmetic (AVX2: ~0.01x) from one with it (AVX512-BF16, AMX: 2-7x) before the network
+    probe spends seconds on a hopeless bf16 step."""
+    def best(dtype: torch.dtype) -> float:
+        a = torch.randn(n, n).to(dtype)
+        a @ a
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return best(torch.float32) / best(torch.bfloat16)
+
+
 # -- the decision -----------------------------------------------------------------------
 @dataclass
 class Decision:
@@ -175,13 +192,17 @@ class Decision:
     warnings: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
     probe_seconds: Optional[float] = None
+    bf16_matmul_gain: Optional[float] = None  # the quick matmul check, where it ran
 
     def ratio(self, precision: str, fp32: str = "32-true") -> Optional[float]:
-        """Best measured img/s of `precision` over the best of `fp32`, over both layouts."""
+        """Best measured img/s of `precision` over the best of `fp32`, over both layouts; for
+        a bf16 that the matmul check found hopeless (so the network never ran it), that gain."""
         def best(p: str) -> Optional[float]:
             values = [r for name, r in self.rates.items() if name.split("/")[0] == p]
             return max(values) if values else None
         a, b = best(precision), best(fp32)
+        if a is None and precision.startswith("bf16"):
+            return self.bf16_matmul_gain
         return None if a is None or b is None else a / b
 
     def summary(self) -> str:
@@ -189,6 +210,8 @@ class Decision:
         text = f"precision {self.precision}, {layout} on {self.device} ({self.source}"
         if self.rates:
             text += "; probe img/s " + ", ".join(f"{k} {v:.1f}" for k, v in self.rates.items())
+        if self.bf16_matmul_gain is not None and not any(k.startswith("bf16") for k in self.rates):
+            text += f"; bf16 matmul at {self.bf16_matmul_gain:.2f}x fp32, not worth a probe"
         return text + ")"
 
     def record(self) -> dict[str, Any]:
@@ -206,28 +229,29 @@ def cache_path(cache_dir: str | Path, net: nn.Module, shape: Sequence[int], kind
     return Path(cache_dir) / "precision" / f"{kind}-{_signature(net, shape)}.json"
 
 
-def _read_cache(path: Path, here: dict[str, Any], needed: Sequence[Candidate]) -> Optional[dict[str, float]]:
+def _read_cache(path: Path, here: dict[str, Any]) -> dict[str, Any]:
+    """The cached probe record ({} if none, unreadable, or measured on another machine)."""
     if not path.is_file():
-        return None
+        return {}
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         log.warning("precision probe cache %s is unreadable; measuring again", path)
-        return None
+        return {}
     if record.get("format") != CACHE_FORMAT or record.get("machine") != here:
         theirs = record.get("machine", {})
         log.info("precision probe cache %s was measured on another machine or torch (%s, %s threads, torch %s); "
                  "measuring again", path, theirs.get("cpu"), theirs.get("threads"), theirs.get("torch"))
-        return None
-    rates = record.get("rates", {})
-    return rates if all(c.name in rates for c in needed) else None
+        return {}
+    return record
 
 
-def _write_cache(path: Path, here: dict[str, Any], rates: dict[str, float]) -> None:
+def _write_cache(path: Path, here: dict[str, Any], rates: dict[str, float], gain: Optional[float]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"format": CACHE_FORMAT, "machine": here, "rates": rates}, indent=1) + "\n")
+        record = {"format": CACHE_FORMAT, "machine": here, "rates": rates, "bf16_matmul_gain": gain}
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(path)
     except OSError as error:  # a read-only cache only costs the next run a probe
         log.warning("could not cache the precision probe at %s: %s", path, error)
@@ -249,7 +273,8 @@ def device_kind(accelerator: Any) -> str:
 
 def resolve(precision: Any, accelerator: Any, channels_last: Any, net: nn.Module, shape: Sequence[int], *,
             cache_dir: Optional[str | Path] = None, cond: Optional[torch.Tensor] = None,
-            timer: Callable[..., tuple[float, float]] = time_candidate, kind: str = "train") -> Decision:
+            timer: Callable[..., tuple[float, float]] = time_candidate, kind: str = "train",
+            bf16_check: Optional[Callable[[], float]] = None) -> Decision:
     """Decide precision and layout for training `net` on batches of `shape` [B, C, H, W].
 
     Explicit settings win; `auto` ones are decided here. On the CPU an explicit bf16-mixed
@@ -278,16 +303,23 @@ def resolve(precision: Any, accelerator: Any, channels_last: Any, net: nn.Module
 
     here = machine()
     path = cache_path(cache_dir, net, shape, kind) if cache_dir is not None else None
-    rates = _read_cache(path, here, candidates) if path is not None else None
-    source, seconds = "cache", None
-    if rates is None:
-        start = time.perf_counter()
-        rates = probe(net, shape, candidates, cond=cond, timer=timer)
-        seconds = round(time.perf_counter() - start, 2)
+    cached = _read_cache(path, here) if path is not None else {}
+    rates, gain = dict(cached.get("rates") or {}), cached.get("bf16_matmul_gain")
+    source, seconds, start = "cache", None, time.perf_counter()
+    if asked == "auto" and any(c.name not in rates for c in candidates if c.precision != "32-true"):
+        if gain is None:
+            gain, source = (bf16_check or matmul_gain)(), "probe"
+        if gain < HOPELESS_BF16:  # an explicit bf16 is still measured on the network, for its warning
+            candidates = [c for c in candidates if c.precision == "32-true"]
+    missing = [c for c in candidates if c.name not in rates]
+    if missing:
+        rates.update(probe(net, shape, missing, cond=cond, timer=timer))
         source = "probe"
+    if source == "probe":
+        seconds = round(time.perf_counter() - start, 2)
         if path is not None:
-            _write_cache(path, here, rates)
-    decision = Decision(asked, True, requested, device, source, rates, warnings, here, seconds)
+            _write_cache(path, here, rates, gain)
+    decision = Decision(asked, True, requested, device, source, rates, warnings, here, seconds, gain)
 
     fp32_layouts = {c.channels_last: rates[c.name] for c in candidates if c.precision == "32-true"}
     best_fp32_layout = max(fp32_layouts, key=fp32_layouts.get)
