@@ -61,9 +61,9 @@ def test_wrong_type_names_the_key():
 
 
 @pytest.mark.parametrize("override,key", [
-    ("sampler.eta=1.5", "sampler.eta"),
-    ("sampler.steps=0", "sampler.steps"),
-    ("sampler.steps=5000", "sampler.steps"),
+    ("sampler=ddim sampler.eta=1.5", "sampler.eta"),
+    ("sampler=ddim sampler.steps=0", "sampler.steps"),
+    ("sampler=ddim sampler.steps=5000", "sampler.steps"),
     ("data.val_fraction=1.2", "data.val_fraction"),
     ("objective.prediction=score", "objective.prediction"),
     ("model.attention_levels=[7]", "model.attention_levels"),

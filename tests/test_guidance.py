@@ -75,9 +75,9 @@ def test_conditional_module_trains_and_samples_one_class_per_row(tmp_path):
     seen = []
     original = module.loss
 
-    def spy(images, cond=None, generator=None):
+    def spy(images, cond=None, generator=None, train=False):
         seen.append(cond)
-        return original(images, cond, generator)
+        return original(images, cond, generator, train)
 
     module.loss = spy
     grid = SampleGrid(every_n_epochs=1, num_samples=8, nrow=4, dirpath=str(tmp_path))

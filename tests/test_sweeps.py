@@ -115,11 +115,10 @@ def test_unlogged_optimized_metric_fails_an_optimising_sweep_and_warns_otherwise
     assert result["status"] == "failed" and "optimized_metric='nope'" in result["error"]
     assert (tmp_path / "o" / "0" / "checkpoints" / "last.ckpt").is_file()  # its outputs stay
     # A plain sweep optimises nothing: every job runs and keeps its results, with a warning.
-    sweep = _run("-m", *common, "schedule=linear,cosine", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    sweep = _run("-m", *common, "schedule=linear", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "optimized_metric='nope' was not logged" in sweep.stdout + sweep.stderr
-    for job in ("0", "1"):
-        assert json.loads((tmp_path / "s" / job / "result.json").read_text())["status"] == "ok"
+    assert json.loads((tmp_path / "s" / "0" / "result.json").read_text())["status"] == "ok"
     single = _run(*common, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]  # the run's outputs stand; only a warning
     assert "optimized_metric='nope' was not logged" in single.stdout + single.stderr

@@ -152,6 +152,10 @@ class ValidateAtEnd(Callback):
         if self._forced or not trainer.enable_validation:
             return
         time_up = out_of_time(trainer)
+        if _timer(trainer) is not None and trainer.world_size > 1:
+            # The clock differs between ranks: they must agree on the step that stops (and
+            # validates), or one rank waits forever in the other's collective.
+            time_up = trainer.strategy.reduce_boolean_decision(time_up, all=False)
         last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         last_batch = last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         out_of_steps = 0 < trainer.max_steps <= trainer.global_step
