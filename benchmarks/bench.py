@@ -45,7 +45,7 @@ PEER_CONFIG = dict(
     in_channels=1, base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=1,
     attention_levels=(1,), mid_attention=True, num_groups=8, image_size=28,
 )
-DEFAULT_CONFIG = {**PEER_CONFIG, "attention_levels": ()}  # conf/model/unet_mnist.yaml
+DEFAULT_CONFIG = {**PEER_CONFIG, "attention_levels": (), "channel_mults": (1, 2, 2)}  # conf/model/unet_mnist_lite.yaml
 SETTINGS = [(p, layout) for p in ("fp32", "bf16") for layout in ("contiguous", "channels_last")]
 
 
@@ -127,7 +127,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> floa
 def auto_choice() -> dict:
     """What `precision: auto` decides for the default model at the default batch (a fresh probe)."""
     torch.manual_seed(0)
-    decision = precision.resolve("auto", "cpu", "auto", UNet(**DEFAULT_CONFIG), (64, 1, 28, 28))
+    decision = precision.resolve("auto", "cpu", "auto", UNet(**DEFAULT_CONFIG), (32, 1, 28, 28))
     return {"precision": decision.precision, "channels_last": decision.channels_last,
             "probe_img_s": decision.rates, "probe_seconds": decision.probe_seconds}
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         return build
 
     out["models"]["difflab (peer config)"] = bench_model(protocol, ours(PEER_CONFIG), rough_bf16)
-    out["models"]["difflab unet_mnist"] = bench_model(protocol, ours(DEFAULT_CONFIG), rough_bf16)
+    out["models"]["difflab unet_mnist_lite"] = bench_model(protocol, ours(DEFAULT_CONFIG), rough_bf16)
     if peer is not None:
         for name, builder in (("diffusers", "diffusers_unet"), ("lucidrains", "lucidrains_unet")):
             try:

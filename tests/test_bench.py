@@ -35,7 +35,7 @@ def test_bench_reports_every_setting_the_peaks_and_keeps_its_json(bench, tmp_pat
         "precision": "fp32", "plain_train_img_s": 2.0, "checkpointing_train_img_s": 1.5, "speed_cost": 0.25,
         "plain_step_peak_mb": 10.0, "checkpointing_step_peak_mb": 6.0, "memory_saving": 0.4})
     out = bench.main(["--peer", str(tmp_path / "missing.py"), "--out", str(tmp_path / "kept")])
-    assert set(out["models"]) == {"difflab (peer config)", "difflab unet_mnist"}
+    assert set(out["models"]) == {"difflab (peer config)", "difflab unet_mnist_lite"}
     assert any("peer script not found" in n for n in out["notes"])
     for result in out["models"].values():
         assert set(result["train_img_s"]) == set(result["denoise_img_s"]) == {

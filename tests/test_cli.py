@@ -134,8 +134,8 @@ def test_default_experiment_runs_under_debug_fast(tmp_path):
 
 @pytest.mark.slow
 def test_default_model_learns_in_one_epoch(tmp_path):
-    """One epoch of the default experiment (70 steps) takes the eps-MSE well below 1."""
-    proc = _run("difflab.cli.train", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
+    """One epoch of the default experiment (140 steps), scored as eps, takes the eps-MSE well below 1."""
+    proc = _run("difflab.cli.train", "trainer.max_epochs=1", "objective=eps",
                 "callbacks.progress_bar=null", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [r.split(",") for r in (tmp_path / "r" / "csv" / "metrics.csv").read_text().splitlines()]
