@@ -2,6 +2,7 @@
 the run id kept with the checkpoints for a resume, and one W&B run per training in a process."""
 
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,26 @@ def _records(path: Path):
             yield record
 
 
-def _logged(run: Path) -> tuple[set[str], set[str], str]:
-    """(history keys, config keys, run id) of a run's offline W&B log."""
+def _logged(run: Path, wait: float = 20.0) -> tuple[set[str], set[str], str]:
+    """(history keys, config keys, run id) of a run's offline W&B log.
+
+    W&B's service process may still be writing the file when `finish()` has returned (a
+    half-written record, or none yet): read again until it parses with history in it."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            found = _parse_log(run)
+            if found[0] or time.monotonic() > deadline:
+                return found
+        except DecodeError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
+def _parse_log(run: Path) -> tuple[set[str], set[str], str]:
     history, config, run_id = set(), set(), None
     (path,) = _offline_run(run).glob("run-*.wandb")
     for record in _records(path):
