@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install difflab with the dev extra
 	@$(BIN)/python -c "import difflab, torch, lightning; print('difflab', difflab.__version__, '| torch', torch.__version__, '| lightning', lightning.__version__)"
 
-train: $(STAMP)  ## train the default experiment (mnist5k, ~12 min on 2 CPU cores); ARGS="key=value ..." to override
+train: $(STAMP)  ## train the default experiment (mnist5k, 4.5-15 min on 2 CPU cores); ARGS="key=value ..." to override
 	$(BIN)/difflab-train $(ARGS)
 
-test: $(STAMP)  ## the default test suite (< 10 min on 2 cores)
+test: $(STAMP)  ## the default test suite (~6 min on 2 cores)
 	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile $(ARGS)
 
 test-slow: $(STAMP)  ## only the slow tests
@@ -35,7 +35,7 @@ test-all: $(STAMP)  ## every test
 ablate: $(STAMP)  ## train + evaluate each schedule and objective with one budget (< 45 min on 2 cores); ARGS="only=[linear,cosine] ..."
 	$(BIN)/difflab-ablate $(ARGS)
 
-bench: $(STAMP)  ## training and denoiser images/s for difflab's U-Net and the two peers
+bench: $(STAMP)  ## img/s, GFLOP/img and share of the matmul peak for difflab's U-Net and the two peers; gradient checkpointing
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean-outputs:  ## delete every run under outputs/ (keeps outputs/README.md)
