@@ -12,6 +12,7 @@ from difflab.models import UNet
 from difflab.training import precision as P
 
 SHAPE = (64, 1, 8, 8)
+REAL_MATMUL_GAIN = P.matmul_gain
 
 
 def tiny_net():
@@ -196,3 +197,12 @@ def test_the_cli_rejects_an_unknown_precision_in_one_line(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "difflab-train: trainer.precision='fp8' is not a precision difflab knows; allowed: auto, 32-true" \
         in proc.stderr
+
+
+def test_the_probe_leaves_the_global_random_stream_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "matmul_gain", REAL_MATMUL_GAIN)
+    net = tiny_net()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    P.resolve("auto", "cpu", "auto", net, SHAPE, cache_dir=tmp_path)  # matmul check + real probe
+    assert torch.equal(torch.get_rng_state(), before)

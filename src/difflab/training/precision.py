@@ -166,8 +166,11 @@ def matmul_gain(n: int = 256, repeats: int = 5) -> float:
     """bf16 over fp32 speed of an n x n matmul: a ~50 ms check that tells a CPU without bf16
     arithmetic (AVX2: ~0.01x) from one with it (AVX512-BF16, AMX: 2-7x) before the network
     probe spends seconds on a hopeless bf16 step."""
+    generator = torch.Generator().manual_seed(0)  # never the global stream: a seeded run must not
+    # depend on whether its probe ran or came from the cache
+
     def best(dtype: torch.dtype) -> float:
-        a = torch.randn(n, n).to(dtype)
+        a = torch.randn(n, n, generator=generator).to(dtype)
         a @ a
         times = []
         for _ in range(repeats):
