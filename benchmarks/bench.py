@@ -141,6 +141,10 @@ def _forward(fwd, channels_last: bool, bf16_eval: bool):
     return forward
 
 
+def _call(model, x, t):
+    return model(x, t)
+
+
 def flops_forward(model, fwd, protocol) -> float:
     x, t = torch.randn(protocol.BATCH, *protocol.SHAPE), torch.randint(0, 1000, (protocol.BATCH,))
     counter = FlopCounterMode(display=False)
@@ -220,7 +224,7 @@ def bench_checkpointing(protocol, bf16: bool) -> dict:
         torch.manual_seed(0)
         model = UNet(**PEER_CONFIG, gradient_checkpointing=checkpointing).to(memory_format=CL)
         out[f"{key}_activation_mb"] = saved_activation_mb(model, x, t, bf16)
-        out[f"{key}_train_img_s"] = protocol.train_rate(model, _forward(lambda m, x, t: m(x, t), True, False),
+        out[f"{key}_train_img_s"] = protocol.train_rate(model, _forward(_call, True, False),
                                                         bf16=bf16)
     out["memory_saving"] = 1 - out["checkpointing_activation_mb"] / out["plain_activation_mb"]
     out["speed_cost"] = 1 - out["checkpointing_train_img_s"] / out["plain_train_img_s"]
@@ -231,9 +235,9 @@ def bench_compiled(protocol, bf16: bool) -> dict:
     model = UNet(**PEER_CONFIG).to(memory_format=CL)
     compiled = torch.compile(model, fullgraph=True)
     start = time.perf_counter()
-    train = protocol.train_rate(compiled, _forward(lambda m, x, t: m(x, t), True, False), bf16=bf16)
+    train = protocol.train_rate(compiled, _forward(_call, True, False), bf16=bf16)
     compiled.eval()
-    denoise = protocol.eval_rate(compiled, _forward(lambda m, x, t: m(x, t), True, bf16))
+    denoise = protocol.eval_rate(compiled, _forward(_call, True, bf16))
     return {"precision": "bf16" if bf16 else "fp32", "train_img_s": train, "denoise_img_s": denoise,
             "compile_and_bench_s": time.perf_counter() - start}
 
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     def ours(config):
         def build():
             torch.manual_seed(0)
-            return UNet(**config), (lambda m, x, t: m(x, t))
+            return UNet(**config), _call
         return build
 
     out["models"]["difflab (peer config)"] = bench_model(protocol, ours(PEER_CONFIG), rough_bf16)

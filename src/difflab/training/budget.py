@@ -39,8 +39,7 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
-def out_of_time(trainer: "pl.Trainer") -> bool:
-    timer = _timer(trainer)
+def out_of_time(timer: Optional[Timer]) -> bool:
     return timer is not None and (timer.time_remaining() or 0.0) <= TIME_MARGIN_S
 
 
@@ -72,8 +71,10 @@ class StepBudget(Callback):
         self._start_step = 0
         self._clock: Optional[tuple[int, float]] = None
         self._estimated = False
+        self._timer: Optional[Timer] = None
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._timer = _timer(trainer)  # looked up once: the callbacks do not change during fit
         self.planned = _planned_steps(trainer)
         self._start_step = trainer.global_step  # a resumed run counts from its checkpoint
         self._clock, self._estimated = None, False
@@ -91,7 +92,7 @@ class StepBudget(Callback):
             self._check_fits(trainer, rate)
 
     def _check_fits(self, trainer: "pl.Trainer", rate: float) -> None:
-        timer = _timer(trainer)
+        timer = self._timer if self._timer is not None else _timer(trainer)
         remaining_steps = self.planned - trainer.global_step
         needed = remaining_steps / rate
         log.info("%.2f steps/s: the remaining %d of %d steps need about %s", rate, remaining_steps,
@@ -119,8 +120,8 @@ class StepBudget(Callback):
         if self.planned is None or steps >= self.planned or trainer.fast_dev_run:
             self.outcome["status"] = "ok"
             return
-        timer = _timer(trainer)
-        if out_of_time(trainer):
+        timer = self._timer
+        if out_of_time(timer):
             reason = f"max_time ({_duration(timer._duration)}) was reached"
         else:
             reason = "training was asked to stop (trainer.should_stop: an early-stopping callback?)"
@@ -147,12 +148,16 @@ class ValidateAtEnd(Callback):
     def __init__(self) -> None:
         self._period: Any = None
         self._forced = False
+        self._timer: Optional[Timer] = None
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._timer = _timer(trainer)  # looked up once, not on every step
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, *args: Any) -> None:
         if self._forced or not trainer.enable_validation:
             return
-        time_up = out_of_time(trainer)
-        if _timer(trainer) is not None and trainer.world_size > 1:
+        time_up = out_of_time(self._timer)
+        if self._timer is not None and trainer.world_size > 1:
             # The clock differs between ranks: they must agree on the step that stops (and
             # validates), or one rank waits forever in the other's collective.
             time_up = trainer.strategy.reduce_boolean_decision(time_up, all=False)

@@ -301,7 +301,7 @@ def resolve(precision: Any, accelerator: Any, channels_last: Any, net: nn.Module
     candidates = [FP32_NCHW, FP32_CL] if channels_last == "auto" else [Candidate("32-true", bool(channels_last))]
     if wants_bf16:
         candidates.append(Candidate("bf16-mixed", True if channels_last == "auto" else bool(channels_last)))
-    if asked not in ("auto", "bf16-mixed", "bf16-true") and channels_last != "auto":
+    if not wants_bf16 and channels_last != "auto":
         return Decision(asked, bool(channels_last), requested, device, "requested", warnings=warnings)
 
     here = machine()
