@@ -1,8 +1,10 @@
 """End to end through the real entry points: train on digits, then sample from the run."""
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +196,91 @@ def test_trajectory_gif_has_one_frame_per_step(trained_run, tmp_path):
                 "sampler=ddim", "sampler.steps=6", "progress=false", f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert Image.open(out / "trajectory.gif").n_frames == 6
+
+
+# --------------------------------------------------------------------------- restoration modes
+
+def _restore(run_dir, out, *args):
+    return _run("difflab.cli.sample", f"ckpt={run_dir / 'checkpoints' / 'ema.pt'}", "progress=false",
+                f"hydra.run.dir={out}", *args, cwd=out.parent)
+
+
+def test_inpaint_mode_writes_strip_and_npz_with_known_pixels_exact(trained_run, tmp_path):
+    out = tmp_path / "inpaint"
+    proc = _restore(trained_run, out, "mode=inpaint", "mask=center", "method=repaint", "sampler=ddpm",
+                    "sampler.steps=10", "jump_length=2", "jump_n_sample=2", "n=3", "samples_per_input=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "6 restorations" in proc.stdout and "known pixels exact" in proc.stdout
+    strip = np.asarray(Image.open(out / "restoration.png"))
+    assert strip.shape[:2] == (2 + 3 * 10, 2 + 4 * 10)  # degraded | 2 restored | truth
+    saved = np.load(out / "restoration.npz")
+    keep = saved["keep"]
+    assert keep.shape == (8, 8) and not keep[2:6, 2:6].any() and keep.sum() == 48
+    restored, truth = saved["restored"], np.repeat(saved["truth"], 2, axis=0)
+    assert np.array_equal(restored[:, keep], truth[:, keep])
+    assert not np.array_equal(restored[:, ~keep], truth[:, ~keep])
+
+
+def test_superres_mode_takes_low_res_or_full_size_files(trained_run, tmp_path):
+    low = (np.arange(16, dtype=np.uint8).reshape(4, 4) * 16)
+    Image.fromarray(low).save(tmp_path / "low.png")
+    Image.fromarray(np.kron(low, np.ones((2, 2), dtype=np.uint8))).save(tmp_path / "full.png")
+    for name, columns in (("low.png", 2), ("full.png", 3)):
+        out = tmp_path / name.split(".")[0]
+        proc = _restore(trained_run, out, "mode=superres", "factor=2", "method=ddnm", "jump_n_sample=1",
+                        "sampler=ddim", "sampler.steps=8", f"input={tmp_path / name}")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "consistency PSNR" in proc.stdout
+        strip = np.asarray(Image.open(out / "restoration.png"))
+        assert strip.shape[:2] == (12, 2 + columns * 10)  # one row; truth only when the file was full size
+        saved = np.load(out / "restoration.npz")
+        assert saved["restored"].shape == (1, 8, 8, 1) and int(saved["factor"]) == 2
+        assert ("truth" in saved.files) == (name == "full.png")
+
+
+BAD_RESTORATION = [
+    (("mode=superres", "factor=3"), "factor=3 does not divide the image size 8x8"),
+    (("mode=inpaint", "mask=centre"), "unknown mask 'centre'"),
+    (("mode=inpaint", "method=ilvr"), "method=ilvr is low-pass guidance for super-resolution"),
+    (("mode=inpaint", "method=sr3"), "method='sr3' is not allowed: expected replacement, repaint, ddnm, ilvr"),
+    (("mode=inpaint", "sampler=ddim", "sampler.steps=4", "jump_length=5"), "jump_length=5 must be smaller"),
+    (("mode=inpaint", "jump_n_sample=0"), "jump_n_sample=0 is not allowed"),
+    (("mode=superres", "factor=2", "input=WRONG_SIZE"), "the input images are 5x5 but this model makes 8x8"),
+    (("mode=inpaint", "mask=GREY"), "not binary"),
+    (("mode=inpaint", "input=MISSING"), "is neither 'val' nor an existing image file or folder"),
+]
+
+
+def _bad_files(tmp_path, args):
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(tmp_path / "wrong.png")
+    grey = np.zeros((8, 8), dtype=np.uint8)
+    grey[0, 0] = 100
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    names = {"WRONG_SIZE": "wrong.png", "GREY": "grey.png", "MISSING": "missing.png"}
+    return [a.split("=")[0] + "=" + str(tmp_path / names[a.split("=")[1]]) if a.split("=")[1] in names else a
+            for a in args]
+
+
+@pytest.mark.parametrize("args, message", BAD_RESTORATION)
+def test_restoration_bad_input_names_the_setting(trained_run, tmp_path, args, message):
+    from hydra import compose, initialize_config_dir
+
+    from difflab.cli import sample as sample_cli
+
+    out = tmp_path / "bad"
+    overrides = [f"ckpt={trained_run / 'checkpoints' / 'ema.pt'}", "progress=false", f"paths.output_dir={out}",
+                 *_bad_files(tmp_path, args)]
+    with initialize_config_dir(config_dir=str(Path(sample_cli.__file__).parents[3] / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sample_cli.sample(cfg)
+    assert not (out / "restoration.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [BAD_RESTORATION[0], BAD_RESTORATION[6]])
+def test_restoration_bad_input_is_one_clear_line(trained_run, tmp_path, args, message):
+    out = tmp_path / "bad"
+    proc = _restore(trained_run, out, *_bad_files(tmp_path, args))
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "restoration.png").exists()

@@ -2,6 +2,7 @@
 
     difflab-sample ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt n=64 sampler=ddim sampler.steps=50
     difflab-sample ckpt=<conditional run>/checkpoints/ema.pt class_label=7 guidance.scale=3
+    difflab-sample mode=inpaint ckpt=... mask=center method=repaint   (see sample_restore)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
-from difflab.cli import _hydra, sample_modes, schema
+from difflab.cli import _hydra, sample_modes, sample_restore, schema
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.training.callbacks import save_grid
@@ -84,6 +85,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     shape = (model["in_channels"], model["image_size"], model["image_size"])
     generator = torch.Generator(device).manual_seed(cfg.seed)
     out = Path(cfg.paths.output_dir)
+    if cfg.mode in ("inpaint", "superres"):
+        return sample_restore.restore(cfg, denoiser, schedule, sampler, run_config, shape, generator, out)
     if cfg.mode != "sample":
         return run_mode(cfg, denoiser, schedule, sampler, run_config, shape, generator, labels, out)
     chunks, trajectory = [], []

@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from difflab.training import precision
+from difflab.diffusion.restoration import METHODS as RESTORATION_METHODS
 
 
 class ConfigError(ValueError):
@@ -316,15 +317,33 @@ class SampleConfig:
     mode: str = "sample"
     trajectory: bool = False
     columns: int = 9
+    input: str = "val"
+    mask: str = "center"
+    mask_white: str = "hole"
+    box: Optional[int] = None
+    factor: int = 4
+    method: str = "repaint"
+    jump_length: int = 5
+    jump_n_sample: int = 5
+    ilvr_until: float = 1.0
+    samples_per_input: int = 1
 
     def validate(self, key: str = "") -> None:
         _check(self.n >= 1, "n", self.n, "an integer >= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _check(self.nrow is None or self.nrow >= 1, "nrow", self.nrow, "null or an integer >= 1")
         self.guidance.validate("guidance")
-        _check(self.mode in ("sample", "inversion", "interpolate", "forward"), "mode", self.mode,
-               "sample, inversion, interpolate or forward")
+        _check(self.mode in ("sample", "inversion", "interpolate", "forward", "inpaint", "superres"), "mode",
+               self.mode, "sample, inversion, interpolate, forward, inpaint or superres")
         _check(self.columns >= 2, "columns", self.columns, "an integer >= 2")
+        _check(self.method in RESTORATION_METHODS, "method", self.method, ", ".join(RESTORATION_METHODS))
+        _check(self.jump_length >= 1, "jump_length", self.jump_length, "an integer >= 1")
+        _check(self.jump_n_sample >= 1, "jump_n_sample", self.jump_n_sample, "an integer >= 1 (1: no resampling)")
+        _check(0.0 <= self.ilvr_until <= 1.0, "ilvr_until", self.ilvr_until, "a number in [0, 1]")
+        _check(self.factor >= 1, "factor", self.factor, "an integer >= 1")
+        _check(self.samples_per_input >= 1, "samples_per_input", self.samples_per_input, "an integer >= 1")
+        _check(self.mask_white in ("hole", "keep"), "mask_white", self.mask_white, "hole or keep")
+        _check(self.box is None or self.box >= 1, "box", self.box, "null or an integer >= 1")
 
 
 @dataclass

@@ -240,9 +240,9 @@ def build_operator(kind: str, *, mask: str = "center", factor: int = 4, size: in
     """``kind="inpaint"``: an ``Inpaint`` of ``mask`` (a name from MASKS or a PNG path);
     ``kind="superres"``: a ``Downsample(factor)`` checked against ``size``."""
     if kind == "inpaint":
-        keep = make_keep(mask, size, box=box, generator=generator) if mask in MASKS else \
-            keep_from_png(mask, size, white=mask_white)
-        return Inpaint(keep)
+        if mask in MASKS or not (Path(mask).suffix or Path(mask).exists()):
+            return Inpaint(make_keep(mask, size, box=box, generator=generator))  # a name (or an unknown one)
+        return Inpaint(keep_from_png(mask, size, white=mask_white))
     if kind == "superres":
         operator = Downsample(factor)
         h, w = (size, size) if isinstance(size, int) else size
