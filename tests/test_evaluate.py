@@ -293,3 +293,51 @@ def test_fid_gather_keeps_the_first_samples_in_rank_major_order(world_size, trai
         expected = torch.arange(10, dtype=torch.float32).view(-1, *[1] * len(trailing)).expand(-1, *trailing)
         assert torch.equal(gathered, expected)
     assert fid._gather(module, None) is None  # no logits (extractor without a classifier head)
+
+
+# --------------------------------------------------------------------------- task=inpaint | superres
+
+def _evaluate_task(run, out, *overrides):
+    from difflab.cli.evaluate import evaluate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        evaluate(compose("eval", [f"ckpt={run / 'checkpoints' / 'ema.pt'}", f"paths.output_dir={out}", "n=16",
+                                  "batch_size=16", "progress=false", "samplers=[ddpm]", "steps=[6]",
+                                  "jump_length=2", "jump_n_sample=2", "diversity_inputs=2", "diversity_samples=3",
+                                  *overrides]))
+    return _rows(out / "results.csv")
+
+
+def test_inpaint_task_scores_methods_beside_the_baselines(uncond_run, tmp_path):
+    rows = _evaluate_task(uncond_run, tmp_path / "inpaint", "task=inpaint", "mask=center")
+    assert [r["method"] for r in rows] == ["zero (baseline)", "mean (baseline)", "nearest (baseline)",
+                                           "replacement", "repaint", "ddnm"]
+    for row in rows:
+        assert 0.0 <= float(row["label_agreement"]) <= 1.0 and float(row["consistency_psnr"]) == math.inf
+        assert math.isfinite(float(row["fid"])) and float(row["psnr_hole"]) < float(row["psnr"])
+    by = {r["method"]: r for r in rows}
+    assert int(by["replacement"]["nfe"]) == 6 and int(by["repaint"]["nfe"]) == 6 + 2 * 2  # jumps at 2 and 4
+    assert float(by["repaint"]["diversity"]) > 0 and float(by["zero (baseline)"]["diversity"]) == 0
+    for name in ("results.md", "restoration_vs_nfe.png", "strips/repaint_ddpm_6.png", "strips/baseline_nearest.png"):
+        assert (tmp_path / "inpaint" / name).is_file(), name
+
+
+def test_superres_task_is_consistent_for_ddnm(uncond_run, tmp_path):
+    rows = _evaluate_task(uncond_run, tmp_path / "sr", "task=superres", "factor=2", "methods=[ddnm,ilvr]",
+                          "jump_n_sample=1")
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["nearest (baseline)", "bicubic (baseline)", "ddnm", "ilvr"]
+    assert float(by["ddnm"]["consistency_psnr"]) > 60 and float(by["nearest (baseline)"]["consistency_psnr"]) > 60
+    assert float(by["bicubic (baseline)"]["consistency_psnr"]) < 60  # bicubic is not consistent
+    assert "psnr_hole" not in rows[0] or rows[0]["psnr_hole"] == ""
+
+
+def test_restoration_task_errors_name_the_setting(uncond_run, tmp_path):
+    from difflab.cli.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="methods="):
+        _evaluate_task(uncond_run, tmp_path / "bad", "task=inpaint", "methods=[paint]")
+    with pytest.raises(ConfigError, match="repaint on ddpm with 6 steps: jump_length=6 must be smaller"):
+        _evaluate_task(uncond_run, tmp_path / "bad", "task=inpaint", "methods=[repaint]", "jump_length=6")
+    with pytest.raises(ConfigError, match="factor=3 does not divide"):
+        _evaluate_task(uncond_run, tmp_path / "bad", "task=superres", "factor=3")

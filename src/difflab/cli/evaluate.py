@@ -3,6 +3,7 @@
     difflab-evaluate ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt
     difflab-evaluate ckpt=<run>/checkpoints/ema.pt samplers=[ddim,heun] steps=[10,20] n=1000
     difflab-evaluate ckpt=<conditional run>/checkpoints/ema.pt samplers=[ddim] steps=[50] guidance_scales=[0,1,3]
+    difflab-evaluate task=inpaint ckpt=... mask=center n=100 samplers=[ddpm] steps=[50]   (see evaluate_restore)
 
 Writes `results.csv`, `results.md`, `metrics_vs_nfe.png`, `metrics_vs_guidance.png` (conditional
 runs, two or more scales) and one sample grid per cell under `samples/` in the run directory.
@@ -24,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from difflab.cli import _hydra, schema
+from difflab.cli import _hydra, evaluate_restore, schema
 from difflab.cli.sample import build_denoiser, pick_device
 from difflab.data import DatasetUnavailableError
 from difflab.diffusion.denoiser import CallCounter, Denoiser
@@ -63,7 +64,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     net, num_classes = base.net, run_config["model"].get("num_classes")
     model = run_config["model"]
     shape = (model["in_channels"], model["image_size"], model["image_size"])
-    cells = grid_cells(cfg, num_classes is not None)
+    cells = grid_cells(cfg, num_classes is not None and cfg.task == "sample")
     nodes = {(c["sampler"], c["steps"]): sampler_config(c["sampler"], c["steps"]) for c in cells}
     for node in nodes.values():  # knobs in range; discrete samplers take at most T steps
         schema.check_sampler(node, schedule.num_timesteps)
@@ -82,6 +83,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     log.info("reference: %d %s images of %s, extractor %s", evaluator.reference.num, m.ref_split,
              datamodule.name, evaluator.extractor.name)
 
+    if cfg.task != "sample":
+        return evaluate_restore.evaluate_restoration(cfg, base, schedule, samplers, run_config, datamodule,
+                                                     evaluator, device)
     out = Path(cfg.paths.output_dir)
     counter = CallCounter(net)
     labels = None if num_classes is None else balanced_labels(cfg.n, num_classes)

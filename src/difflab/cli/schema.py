@@ -301,7 +301,28 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
+class RestorationKnobs:
+    """The degradation and the restoration knobs shared by difflab-sample and difflab-evaluate."""
+
+    mask: str = "center"
+    mask_white: str = "hole"
+    box: Optional[int] = None
+    factor: int = 4
+    jump_length: int = 5
+    jump_n_sample: int = 5
+    ilvr_until: float = 1.0
+
+    def validate_restoration(self) -> None:
+        _check(self.jump_length >= 1, "jump_length", self.jump_length, "an integer >= 1")
+        _check(self.jump_n_sample >= 1, "jump_n_sample", self.jump_n_sample, "an integer >= 1 (1: no resampling)")
+        _check(0.0 <= self.ilvr_until <= 1.0, "ilvr_until", self.ilvr_until, "a number in [0, 1]")
+        _check(self.factor >= 1, "factor", self.factor, "an integer >= 1")
+        _check(self.mask_white in ("hole", "keep"), "mask_white", self.mask_white, "hole or keep")
+        _check(self.box is None or self.box >= 1, "box", self.box, "null or an integer >= 1")
+
+
+@dataclass
+class SampleConfig(RestorationKnobs):
     ckpt: str = MISSING
     sampler: Any = None
     paths: PathsConfig = MISSING
@@ -318,14 +339,7 @@ class SampleConfig:
     trajectory: bool = False
     columns: int = 9
     input: str = "val"
-    mask: str = "center"
-    mask_white: str = "hole"
-    box: Optional[int] = None
-    factor: int = 4
     method: str = "repaint"
-    jump_length: int = 5
-    jump_n_sample: int = 5
-    ilvr_until: float = 1.0
     samples_per_input: int = 1
 
     def validate(self, key: str = "") -> None:
@@ -337,13 +351,8 @@ class SampleConfig:
                self.mode, "sample, inversion, interpolate, forward, inpaint or superres")
         _check(self.columns >= 2, "columns", self.columns, "an integer >= 2")
         _check(self.method in RESTORATION_METHODS, "method", self.method, ", ".join(RESTORATION_METHODS))
-        _check(self.jump_length >= 1, "jump_length", self.jump_length, "an integer >= 1")
-        _check(self.jump_n_sample >= 1, "jump_n_sample", self.jump_n_sample, "an integer >= 1 (1: no resampling)")
-        _check(0.0 <= self.ilvr_until <= 1.0, "ilvr_until", self.ilvr_until, "a number in [0, 1]")
-        _check(self.factor >= 1, "factor", self.factor, "an integer >= 1")
         _check(self.samples_per_input >= 1, "samples_per_input", self.samples_per_input, "an integer >= 1")
-        _check(self.mask_white in ("hole", "keep"), "mask_white", self.mask_white, "hole or keep")
-        _check(self.box is None or self.box >= 1, "box", self.box, "null or an integer >= 1")
+        self.validate_restoration()
 
 
 @dataclass
@@ -369,7 +378,7 @@ class MetricsConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RestorationKnobs):
     ckpt: str = MISSING
     paths: PathsConfig = MISSING
     task_name: str = "evaluate"
@@ -384,9 +393,20 @@ class EvalConfig:
     grid_images: int = 64
     real_baseline: bool = True
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    task: str = "sample"
+    methods: list[str] = field(default_factory=lambda: ["replacement", "repaint", "ddnm"])
+    baselines: bool = True
+    diversity_inputs: int = 8
+    diversity_samples: int = 4
 
     def validate(self, key: str = "") -> None:
         _check(self.n >= 4, "n", self.n, "an integer >= 4")
+        _check(self.task in ("sample", "inpaint", "superres"), "task", self.task, "sample, inpaint or superres")
+        _check(len(self.methods) >= 1 and all(m in RESTORATION_METHODS for m in self.methods), "methods",
+               self.methods, "a non-empty list of " + ", ".join(RESTORATION_METHODS))
+        _check(self.diversity_inputs >= 0, "diversity_inputs", self.diversity_inputs, "an integer >= 0")
+        _check(self.diversity_samples >= 0, "diversity_samples", self.diversity_samples, "an integer >= 0")
+        self.validate_restoration()
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _check(len(self.samplers) >= 1, "samplers", self.samplers, "a non-empty list of conf/sampler/ names")
         _check(len(self.steps) >= 1 and all(s >= 1 for s in self.steps), "steps", self.steps,
