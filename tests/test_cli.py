@@ -227,7 +227,7 @@ def test_superres_mode_takes_low_res_or_full_size_files(trained_run, tmp_path):
     Image.fromarray(np.kron(low, np.ones((2, 2), dtype=np.uint8))).save(tmp_path / "full.png")
     for name, columns in (("low.png", 2), ("full.png", 3)):
         out = tmp_path / name.split(".")[0]
-        proc = _restore(trained_run, out, "mode=superres", "factor=2", "method=ddnm", "jump_n_sample=1",
+        proc = _restore(trained_run, out, "mode=superres", "factor=2", "method=ddnm",
                         "sampler=ddim", "sampler.steps=8", f"input={tmp_path / name}")
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "consistency PSNR" in proc.stdout

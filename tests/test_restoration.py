@@ -41,7 +41,7 @@ SAMPLERS = {"ddpm": dict(steps=12), "ddim": dict(steps=12, eta=0.5), "euler": di
 def test_known_pixels_come_out_bit_identical(method, sampler):
     keep = make_keep("strokes", 8, generator=torch.Generator().manual_seed(0))
     operator, x = Inpaint(keep), truth()
-    restoration = Restoration(method, jump_length=3, jump_n_sample=2)
+    restoration = Restoration(method, jump_length=3, jump_n_sample=2, travel_length=3, travel_repeat=2)
     out = restoration.restore(Denoiser(toy_net, SCHEDULE, "v"), SCHEDULE, build_sampler(sampler, **SAMPLERS[sampler]),
                               operator, operator.A(x), x.shape, generator=torch.Generator().manual_seed(1))
     assert (out - x)[:, :, keep].abs().max().item() == 0.0
@@ -81,7 +81,8 @@ def test_resample_path_jumps_back_and_counts_network_calls():
     # The setting: 50 steps, jump 5, 5 passes -> 50 + 9 jump points x 4 x 5 steps.
     assert Restoration("repaint", jump_length=5, jump_n_sample=5).network_calls(50) == 230
     assert Restoration("replacement").network_calls(50) == 50
-    assert Restoration("ddnm", jump_n_sample=1).network_calls(50) == 50
+    assert Restoration("ddnm").network_calls(50) == 50  # DDNM's time-travel is off by default
+    assert Restoration("ddnm", travel_length=5, travel_repeat=5).network_calls(50) == 230
 
 
 def test_bad_settings_name_the_knob():
@@ -93,6 +94,10 @@ def test_bad_settings_name_the_knob():
         Restoration("ilvr", ilvr_until=2.0)
     with pytest.raises(RestorationError, match="jump_length=10 must be smaller than the sampler's 10 steps"):
         Restoration("repaint", jump_length=10).path(10)
+    with pytest.raises(RestorationError, match="travel_length=12 must be smaller"):
+        Restoration("ddnm", travel_length=12, travel_repeat=2).path(10)
+    with pytest.raises(RestorationError, match="travel_repeat=0 must be an integer >= 1"):
+        Restoration("ddnm", travel_repeat=0)
     operator, x = Inpaint(make_keep("left", 8)), truth()
     with pytest.raises(RestorationError, match="method=ilvr is low-pass guidance for super-resolution"):
         Restoration("ilvr").restore(Denoiser(toy_net, SCHEDULE, "eps"), SCHEDULE, DDIMSampler(steps=5), operator,
@@ -131,7 +136,7 @@ def test_every_method_is_exact_when_the_hole_is_independent_of_the_known_pixels(
     image = GaussianImage(image.shape, image.mean, image.cov * same_side)
     operator = Inpaint(make_keep("left", 4))
     _, y = measurement(image, operator)
-    for method in (Restoration("replacement"), Restoration("repaint", 5, 3), Restoration("ddnm", jump_n_sample=1)):
+    for method in (Restoration("replacement"), Restoration("repaint", 5, 3), Restoration("ddnm")):
         errors = image.errors(run(image, SCHEDULE, operator, method, DDIMSampler(steps=100, clip_denoised=False), N),
                               operator, y)
         assert errors["mean"] < 0.03 and errors["cov"] < 0.03, (method, errors)

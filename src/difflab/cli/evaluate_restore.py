@@ -45,7 +45,8 @@ def _cells(cfg: DictConfig, samplers: dict, schedule: torch.nn.Module) -> list[d
     cells = []
     for name in cfg.methods:
         method = Restoration(name, jump_length=cfg.jump_length, jump_n_sample=cfg.jump_n_sample,
-                             ilvr_until=cfg.ilvr_until)
+                             ilvr_until=cfg.ilvr_until, travel_length=cfg.travel_length,
+                             travel_repeat=cfg.travel_repeat)
         for (sampler_name, steps), sampler in samplers.items():
             try:
                 method.path(len(sampler.timesteps_for(schedule)))

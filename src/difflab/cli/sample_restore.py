@@ -115,7 +115,8 @@ def restore(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, samp
     if isinstance(operator, Downsample) and truth is None:
         operator.check_measurement(y, shape[1:])
     method = Restoration(cfg.method, jump_length=cfg.jump_length, jump_n_sample=cfg.jump_n_sample,
-                         ilvr_until=cfg.ilvr_until)
+                         ilvr_until=cfg.ilvr_until, travel_length=cfg.travel_length,
+                             travel_repeat=cfg.travel_repeat)
     method.path(len(sampler.timesteps_for(schedule)))  # knobs that do not fit the sampler fail before any work
     n, k = y.shape[0], cfg.samples_per_input
     repeated = y.repeat_interleave(k, dim=0)

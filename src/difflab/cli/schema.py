@@ -311,11 +311,15 @@ class RestorationKnobs:
     jump_length: int = 5
     jump_n_sample: int = 5
     ilvr_until: float = 1.0
+    travel_length: int = 5
+    travel_repeat: int = 1
 
     def validate_restoration(self) -> None:
         _check(self.jump_length >= 1, "jump_length", self.jump_length, "an integer >= 1")
         _check(self.jump_n_sample >= 1, "jump_n_sample", self.jump_n_sample, "an integer >= 1 (1: no resampling)")
         _check(0.0 <= self.ilvr_until <= 1.0, "ilvr_until", self.ilvr_until, "a number in [0, 1]")
+        _check(self.travel_length >= 1, "travel_length", self.travel_length, "an integer >= 1")
+        _check(self.travel_repeat >= 1, "travel_repeat", self.travel_repeat, "an integer >= 1 (1: no time-travel)")
         _check(self.factor >= 1, "factor", self.factor, "an integer >= 1")
         _check(self.mask_white in ("hole", "keep"), "mask_white", self.mask_white, "hole or keep")
         _check(self.box is None or self.box >= 1, "box", self.box, "null or an integer >= 1")

@@ -17,8 +17,9 @@ being the data. Methods (implemented from the papers):
 - ``ddnm`` (Wang et al. 2023, "Zero-shot image restoration using denoising diffusion
   null-space model", eq. 13): the network's x_0 prediction is projected,
   ``x0 <- A^+ y + (I - A^+ A) x0``, before the sampler uses it; implemented as a network
-  wrapper (``NullSpaceProjection``), so every sampler gets it. ``jump_length`` and
-  ``jump_n_sample`` give DDNM's time-travel (its sec. 3.3), the same resampling path.
+  wrapper (``NullSpaceProjection``), so every sampler gets it. ``travel_length`` and
+  ``travel_repeat`` give DDNM's time-travel (its sec. 3.3): the same path as RePaint's
+  resampling, with its own knobs so that both can sit in one evaluation grid.
 - ``ilvr`` (Choi et al. 2021, "ILVR", eq. 8): x_{k} <- x_k - phi(x_k) + phi(y_k) with the
   low-pass filter phi = A^+ A of a ``Downsample`` operator, during the first ``ilvr_until``
   fraction of the levels. With ``ilvr_until = 1`` this is the replacement update written
@@ -186,8 +187,8 @@ def resample_path(n: int, jump_length: int, jump_n_sample: int) -> list[int]:
 class Restoration:
     """A training-free restoration method and its knobs (see the module docstring).
 
-    ``jump_length`` and ``jump_n_sample`` are RePaint's (and DDNM's time-travel):
-    ``jump_n_sample = 1`` means no resampling. ``ilvr_until``: fraction of the levels,
+    ``jump_length`` and ``jump_n_sample`` are RePaint's, ``travel_length`` and
+    ``travel_repeat`` DDNM's time-travel; 1 sample / repeat means no resampling. ``ilvr_until``: fraction of the levels,
     from the noisiest, on which ILVR imposes the low-pass of y.
     """
 
@@ -195,11 +196,13 @@ class Restoration:
     jump_length: int = 5
     jump_n_sample: int = 5
     ilvr_until: float = 1.0
+    travel_length: int = 5
+    travel_repeat: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RestorationError(f"unknown restoration method {self.method!r}; allowed: {', '.join(METHODS)}")
-        for name in ("jump_length", "jump_n_sample"):
+        for name in ("jump_length", "jump_n_sample", "travel_length", "travel_repeat"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RestorationError(f"{name}={value!r} must be an integer >= 1")
@@ -207,16 +210,24 @@ class Restoration:
             raise RestorationError(f"ilvr_until={self.ilvr_until!r} must lie in [0, 1]")
 
     @property
+    def jumps(self) -> tuple[str, int, str, int]:
+        """(name, length, name, passes) of the resampling knobs this method uses."""
+        if self.method == "ddnm":
+            return "travel_length", self.travel_length, "travel_repeat", self.travel_repeat
+        return "jump_length", self.jump_length, "jump_n_sample", self.jump_n_sample
+
+    @property
     def resamples(self) -> bool:
-        return self.method in ("repaint", "ddnm") and self.jump_n_sample > 1
+        return self.method in ("repaint", "ddnm") and self.jumps[3] > 1
 
     def path(self, n: int) -> list[int]:
         if not self.resamples:
             return list(range(n + 1))
-        if self.jump_length >= n:
-            raise RestorationError(f"jump_length={self.jump_length} must be smaller than the sampler's {n} steps "
-                                   "(a jump goes back jump_length levels): lower it or use more steps.")
-        return resample_path(n, self.jump_length, self.jump_n_sample)
+        name, length, _, passes = self.jumps
+        if length >= n:
+            raise RestorationError(f"{name}={length} must be smaller than the sampler's {n} steps "
+                                   f"(a jump goes back {name} levels): lower it or use more steps.")
+        return resample_path(n, length, passes)
 
     def network_calls(self, n: int, calls_per_step: int = 1) -> int:
         """Sampler steps taken (times the sampler's network calls per step)."""

@@ -122,8 +122,8 @@ def run(image: GaussianImage, schedule: NoiseSchedule, operator: Operator, metho
 METHOD_SETTINGS = {
     "replacement": Restoration("replacement"),
     "repaint (j5, r5)": Restoration("repaint", jump_length=5, jump_n_sample=5),
-    "ddnm": Restoration("ddnm", jump_n_sample=1),
-    "ddnm (j5, r5)": Restoration("ddnm", jump_length=5, jump_n_sample=5),
+    "ddnm": Restoration("ddnm"),
+    "ddnm (travel 5, r5)": Restoration("ddnm", travel_length=5, travel_repeat=5),
 }
 
 
