@@ -29,7 +29,8 @@ RUN_LEFTOVERS = ("lightning_logs", "checkpoints", "*.ckpt", "*.pt", "metrics.csv
 
 def test_notebooks_exist():
     names = [path.name for path in NOTEBOOKS]
-    assert names == ["01_forward_process.ipynb", "02_train_and_sample.ipynb", "03_samplers_and_guidance.ipynb"]
+    assert names == ["01_forward_process.ipynb", "02_train_and_sample.ipynb", "03_samplers_and_guidance.ipynb",
+                     "04_restoration.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
