@@ -242,7 +242,9 @@ BAD_RESTORATION = [
     (("mode=superres", "factor=3"), "factor=3 does not divide the image size 8x8"),
     (("mode=inpaint", "mask=centre"), "unknown mask 'centre'"),
     (("mode=inpaint", "method=ilvr"), "method=ilvr is low-pass guidance for super-resolution"),
-    (("mode=inpaint", "method=sr3"), "method='sr3' is not allowed: expected replacement, repaint, ddnm, ilvr"),
+    (("mode=inpaint", "method=sr3"), "method=sr3 is for superres; inpaint with a trained model is method=palette"),
+    (("mode=superres", "method=sr3"), "method=sr3 needs a model trained for superres"),
+    (("mode=inpaint", "method=paint"), "method='paint' is not allowed: expected replacement, repaint, ddnm, ilvr, sr3"),
     (("mode=inpaint", "sampler=ddim", "sampler.steps=4", "jump_length=5"), "jump_length=5 must be smaller"),
     (("mode=inpaint", "jump_n_sample=0"), "jump_n_sample=0 is not allowed"),
     (("mode=superres", "factor=2", "input=WRONG_SIZE"), "the input images are 5x5 but this model makes 8x8"),
@@ -277,7 +279,7 @@ def test_restoration_bad_input_names_the_setting(trained_run, tmp_path, args, me
     assert not (out / "restoration.png").exists()
 
 
-@pytest.mark.parametrize("args, message", [BAD_RESTORATION[0], BAD_RESTORATION[6]])
+@pytest.mark.parametrize("args, message", [BAD_RESTORATION[0], BAD_RESTORATION[8]])
 def test_restoration_bad_input_is_one_clear_line(trained_run, tmp_path, args, message):
     out = tmp_path / "bad"
     proc = _restore(trained_run, out, *_bad_files(tmp_path, args))

@@ -342,3 +342,64 @@ def test_restoration_task_errors_name_the_setting(uncond_run, tmp_path):
         _evaluate_task(uncond_run, tmp_path / "bad", "task=inpaint", "methods=[repaint]", "jump_length=6")
     with pytest.raises(ConfigError, match="factor=3 does not divide"):
         _evaluate_task(uncond_run, tmp_path / "bad", "task=superres", "factor=3")
+
+
+SR3_ARGS = ("task={_target_:difflab.training.tasks.SuperResolution,factor:2}",
+            "model.conditioner={_target_:difflab.models.conditioning.Conditioner,embedders:"
+            "[{_target_:difflab.models.conditioning.ImageConcat,input_key:low_res,channels:1}]}",
+            "callbacks.fid=null")
+
+
+@pytest.fixture(scope="module")
+def sr3_run(tmp_path_factory):
+    """One epoch of an SR3-style x2 model on the 8x8 digits; its directory."""
+    from difflab.cli.train import train
+
+    root = tmp_path_factory.mktemp("sr3")
+    run = root / "sr3"
+    run.mkdir()
+    args = [a for a in TRAIN_ARGS if not a.startswith("callbacks.fid")]
+    cfg = _compose("train", [*args, *SR3_ARGS, f"paths.output_dir={run}", f"paths.root_dir={root}"])
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+            patch.delenv(key, raising=False)
+        train(cfg)
+    return run
+
+
+def test_a_trained_sr3_model_is_scored_beside_the_training_free_methods(uncond_run, sr3_run, tmp_path):
+    grid = Image.open(sorted((sr3_run / "samples").glob("*.png"))[-1])
+    assert grid.size[0] == 2 + 3 * 10  # low-res | restored | truth
+    rows = _evaluate_task(uncond_run, tmp_path / "sr", "task=superres", "factor=2", "methods=[ddnm,sr3]",
+                          f"trained_ckpts=[{sr3_run / 'checkpoints' / 'ema.pt'}]")
+    assert [r["method"] for r in rows] == ["nearest (baseline)", "bicubic (baseline)", "ddnm", "sr3"]
+    sr3 = rows[-1]
+    assert int(sr3["nfe"]) == 6 and math.isfinite(float(sr3["psnr"])) and float(sr3["consistency_psnr"]) < 60
+
+
+def test_trained_and_training_free_checkpoints_are_not_mixed_up(uncond_run, sr3_run, tmp_path):
+    from difflab.cli.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="method=sr3 needs a model trained for superres"):
+        _evaluate_task(uncond_run, tmp_path / "a", "task=superres", "factor=2", "methods=[sr3]")
+    with pytest.raises(ConfigError, match="its network needs that condition, so use method=sr3"):
+        _evaluate_task(sr3_run, tmp_path / "b", "task=superres", "factor=2", "methods=[ddnm]")
+    with pytest.raises(ConfigError, match="is a trained restoration model: it needs its condition"):
+        _evaluate_task(sr3_run, tmp_path / "c")
+    with pytest.raises(ValueError, match="trained for x2 super-resolution"):
+        _evaluate_task(sr3_run, tmp_path / "d", "task=superres", "factor=4", "methods=[sr3]")
+
+
+def test_sample_cli_restores_with_a_trained_sr3_model_and_refuses_plain_sampling(sr3_run, tmp_path):
+    from difflab.cli import sample as sample_cli
+    from difflab.cli.schema import ConfigError
+
+    ckpt = sr3_run / "checkpoints" / "ema.pt"
+    out = tmp_path / "sr3"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("sample", [f"ckpt={ckpt}", "mode=superres", "method=sr3", "factor=2", "n=4", "progress=false",
+                                 "sampler=ddim", "sampler.steps=5", f"paths.output_dir={out}"])
+        written = sample_cli.sample(cfg)
+        assert written["strip"].is_file() and written["npz"].is_file()
+        with pytest.raises(ConfigError, match="needs its condition, so mode=sample does not apply"):
+            sample_cli.sample(compose("sample", [f"ckpt={ckpt}", f"paths.output_dir={tmp_path / 'x'}"]))

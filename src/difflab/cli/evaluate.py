@@ -60,6 +60,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     OmegaConf.to_object(cfg).validate()
     device = pick_device(cfg.device)
     run_config, weights = load_network_weights(cfg.ckpt)
+    if run_config.get("task") is not None and cfg.task == "sample":
+        raise schema.ConfigError(f"{cfg.ckpt} is a trained restoration model: it needs its condition. Score it with "
+                                 "task=superres methods=[sr3] or task=inpaint methods=[palette].")
     base, schedule = build_denoiser(run_config, weights, device)
     net, num_classes = base.net, run_config["model"].get("num_classes")
     model = run_config["model"]

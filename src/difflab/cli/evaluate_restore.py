@@ -2,6 +2,7 @@
 
     difflab-evaluate task=inpaint ckpt=<run>/checkpoints/ema.pt mask=center n=100 samplers=[ddpm,ddim] steps=[50]
     difflab-evaluate task=superres ckpt=... factor=4 methods=[ddnm,ilvr] samplers=[ddim] steps=[25,50]
+    difflab-evaluate task=superres ckpt=<unconditional run> trained_ckpts=[<sr3 run>] methods=[ddnm,sr3]
 
 Restores the first n held-out images of the run's dataset with every method on every
 sampler and step count (one restoration per image, the same noise for every cell), plus the
@@ -22,9 +23,10 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from difflab.cli import schema
+from difflab.cli.sample import build_denoiser
+from difflab.cli.sample_restore import restoration_for, restoration_knobs
 from difflab.diffusion.degradation import DegradationError, build_operator
 from difflab.diffusion.denoiser import CallCounter, Denoiser
-from difflab.diffusion.restoration import Restoration
 from difflab.metrics import report
 from difflab.metrics.evaluate import SampleEvaluator
 from difflab.metrics.restoration import (
@@ -35,38 +37,49 @@ from difflab.metrics.restoration import (
     restoration_scores,
 )
 from difflab.training.callbacks import save_grid
+from difflab.training.checkpoint import load_network_weights
+from difflab.training.tasks import TASK_METHODS
 
 log = logging.getLogger("difflab.evaluate")
 COLUMNS = ("method", "sampler", "steps", "nfe", "n", "label_agreement", "psnr", "ssim", "psnr_hole",
            "consistency_psnr", "fid", "diversity", "seconds")
 
 
-def _cells(cfg: DictConfig, samplers: dict, schedule: torch.nn.Module) -> list[dict[str, Any]]:
+def _cells(cfg: DictConfig, samplers: dict, models: list[tuple]) -> list[dict[str, Any]]:
+    """One cell per method x sampler x steps. Training-free methods run on `ckpt`; a trained
+    method (sr3, palette) runs on every model of `trained_ckpts` (or on `ckpt` if there are none)."""
     cells = []
     for name in cfg.methods:
-        method = Restoration(name, jump_length=cfg.jump_length, jump_n_sample=cfg.jump_n_sample,
-                             ilvr_until=cfg.ilvr_until, travel_length=cfg.travel_length,
-                             travel_repeat=cfg.travel_repeat)
-        for (sampler_name, steps), sampler in samplers.items():
+        trained = name in TASK_METHODS.values()
+        for model in (models[1:] if trained and len(models) > 1 else models[:1]):
             try:
-                method.path(len(sampler.timesteps_for(schedule)))
+                method = restoration_for(name, model[2], restoration_knobs(cfg), cfg.task)
             except ValueError as error:
-                raise schema.ConfigError(f"{name} on {sampler_name} with {steps} steps: {error}") from None
-            cells.append({"method": name, "sampler": sampler_name, "steps": steps, "restoration": method,
-                          "run": sampler})
+                raise schema.ConfigError(str(error)) from None
+            for (sampler_name, steps), sampler in samplers.items():
+                try:
+                    method.path(len(sampler.timesteps_for(model[1])))
+                except ValueError as error:
+                    raise schema.ConfigError(f"{name} on {sampler_name} with {steps} steps: {error}") from None
+                cells.append({"method": method.method, "sampler": sampler_name, "steps": steps,
+                              "restoration": method, "run": sampler, "model": model})
     return cells
 
 
 def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, samplers: dict,
                          run_config: dict[str, Any], datamodule: Any, evaluator: SampleEvaluator,
                          device: torch.device) -> list[dict[str, Any]]:
+    models = [(denoiser, schedule, run_config)]
+    for path in cfg.trained_ckpts:
+        trained_config, weights = load_network_weights(path)
+        models.append((*build_denoiser(trained_config, weights, device), trained_config))
     size = datamodule.image_size
     try:
         operator = build_operator(cfg.task, mask=cfg.mask, factor=cfg.factor, size=size, box=cfg.box,
                                   mask_white=cfg.mask_white, generator=torch.Generator().manual_seed(cfg.seed))
     except DegradationError as error:
         raise schema.ConfigError(str(error)) from None
-    cells = _cells(cfg, samplers, schedule)
+    cells = _cells(cfg, samplers, models)
     val = datamodule.split("val")
     n = min(cfg.n, len(val.images))
     truth, labels = val.images[:n], val.labels[:n]
@@ -96,13 +109,15 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
             restored = baseline(name, operator, y, train)
             rows.append(score(f"baseline_{name}", restored, time.perf_counter() - start,
                               {"method": f"{name} (baseline)", "sampler": None, "steps": None, "nfe": 0}, 0.0))
-    counter = CallCounter(denoiser.net)
+    counters = [CallCounter(model[0].net) for model in models]
     k, m = cfg.diversity_samples, min(cfg.diversity_inputs, n)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not cfg.progress) as progress:
         overall = progress.add_task("grid cells", total=len(cells))
         for cell in cells:
             method, sampler = cell["restoration"], cell["run"]
+            cell_denoiser, cell_schedule, _ = cell["model"]
+            counter = counters[next(i for i, model in enumerate(models) if model is cell["model"])]
             label = f"{cell['method']} {cell['sampler']} {cell['steps']} steps"
             images_task = progress.add_task(label, total=n + m * k)
 
@@ -110,10 +125,10 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
                 parts = []
                 for first in range(0, len(measured), cfg.batch_size):
                     part = measured[first:first + cfg.batch_size].to(device)
-                    cond = None if num_classes is None else \
+                    cond = None if num_classes is None or method.method in TASK_METHODS.values() else \
                         torch.full((len(part),), num_classes, dtype=torch.long, device=device)
-                    parts.append(method.restore(denoiser, schedule, sampler, operator, part, (len(part), *shape),
-                                                cond=cond, generator=generator).cpu())
+                    parts.append(method.restore(cell_denoiser, cell_schedule, sampler, operator, part,
+                                                (len(part), *shape), cond=cond, generator=generator).cpu())
                     progress.advance(images_task, len(part))
                 return torch.cat(parts)
 
@@ -124,14 +139,15 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
             nfe = counter.calls // -(-n // cfg.batch_size)
             spread = diversity(run(y[:m].repeat_interleave(k, dim=0), generator).reshape(m, k, *shape)) \
                 if k >= 2 and m >= 1 else float("nan")
-            tag = f"{cell['method']}_{cell['sampler']}_{cell['steps']}"
+            tag = f"{cell['method']}_{cell['sampler']}_{cell['steps']}"  # method: sr3, regression, ...
             rows.append(score(tag, restored, seconds, {"method": cell["method"], "sampler": cell["sampler"],
                                                        "steps": cell["steps"], "nfe": nfe}, spread))
             progress.remove_task(images_task)
             progress.advance(overall)
             log.info("%s: %s", label, ", ".join(f"{key}={v:.4g}" for key, v in rows[-1].items()
                                                  if isinstance(v, float)))
-    counter.remove()
+    for counter in counters:
+        counter.remove()
     write(rows, out, cfg, operator, n)
     return rows
 

@@ -85,6 +85,10 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     shape = (model["in_channels"], model["image_size"], model["image_size"])
     generator = torch.Generator(device).manual_seed(cfg.seed)
     out = Path(cfg.paths.output_dir)
+    if run_config.get("task") is not None and cfg.mode not in ("inpaint", "superres"):
+        kind = run_config["task"]["_target_"].rsplit(".", 1)[-1]
+        raise schema.ConfigError(f"{cfg.ckpt} is a {kind} model: it needs its condition, so mode={cfg.mode} does "
+                                 "not apply. Use mode=superres method=sr3 or mode=inpaint method=palette.")
     if cfg.mode in ("inpaint", "superres"):
         return sample_restore.restore(cfg, denoiser, schedule, sampler, run_config, shape, generator, out)
     if cfg.mode != "sample":

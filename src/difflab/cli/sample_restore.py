@@ -3,6 +3,8 @@
     difflab-sample mode=inpaint ckpt=<run>/checkpoints/ema.pt mask=center method=repaint sampler=ddpm sampler.steps=50
     difflab-sample mode=superres ckpt=... factor=4 method=ddnm input=val
     difflab-sample mode=superres ckpt=... factor=4 input=path/to/lowres_or_fullres.png
+    difflab-sample mode=superres ckpt=<experiment=mnist5k_sr3 run>/checkpoints/ema.pt method=sr3
+    difflab-sample mode=inpaint ckpt=<experiment=mnist5k_palette run>/checkpoints/ema.pt method=palette
 
 Writes ``restoration.png``, one row per input: degraded | restored (``samples_per_input``
 of them) | truth (when known), and ``restoration.npz`` with every image as uint8 plus the
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from difflab.cli import sample_modes, schema
@@ -26,7 +29,9 @@ from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.guidance import null_labels
 from difflab.diffusion.restoration import Restoration
 from difflab.diffusion.samplers import Sampler
+from difflab.metrics.restoration import psnr
 from difflab.training.callbacks import save_grid
+from difflab.training.tasks import TASK_METHODS, TrainedRestoration
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -84,6 +89,38 @@ def load_inputs(cfg: DictConfig, run_config: dict[str, Any], shape: tuple[int, i
                            f"{expected} images.")
 
 
+def restoration_for(method: str, run_config: dict, knobs: dict, mode: str):
+    """The restoration a method name asks for on a checkpoint's run config (`knobs`: the
+    Restoration settings). Trained methods need a checkpoint of their task, training-free ones
+    an unconditional checkpoint; anything else is a ValueError that says which to use."""
+    task_cfg = run_config.get("task")
+    if method in TASK_METHODS.values():
+        kind = next(k for k, m in TASK_METHODS.items() if m == method)
+        if kind != mode:
+            raise ValueError(f"method={method} is for {kind}; {mode} with a trained model is "
+                             f"method={TASK_METHODS[mode]}.")
+        if task_cfg is None:
+            raise ValueError(f"method={method} needs a model trained for {kind} (experiment=mnist5k_"
+                             f"{method}); this checkpoint is an unconditional model: use a training-free method "
+                             "(replacement, repaint, ddnm, ilvr) or train one.")
+        task = instantiate(task_cfg)
+        if task.kind != kind:
+            raise ValueError(f"method={method} is {kind}, but this checkpoint was trained for {task.kind} "
+                             f"(method={TASK_METHODS[task.kind]}).")
+        regression = run_config.get("objective", {}).get("timesteps") == "last"
+        return TrainedRestoration(task, regression=regression)
+    if task_cfg is not None:
+        kind = instantiate(task_cfg).kind
+        raise ValueError(f"this checkpoint is a model trained for {kind}: its network needs that condition, so "
+                         f"use method={TASK_METHODS[kind]} (training-free methods need an unconditional model).")
+    return Restoration(method, **knobs)
+
+
+def restoration_knobs(cfg: DictConfig) -> dict[str, Any]:
+    return {"jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample, "ilvr_until": cfg.ilvr_until,
+            "travel_length": cfg.travel_length, "travel_repeat": cfg.travel_repeat}
+
+
 def restoration_cond(cfg: DictConfig, num_classes: int | None, n: int) -> torch.Tensor | None:
     """Class-conditional models restore with `class_label` if given, else the null class."""
     if num_classes is None:
@@ -93,12 +130,6 @@ def restoration_cond(cfg: DictConfig, num_classes: int | None, n: int) -> torch.
     if cfg.class_label is not None:
         return torch.full((n,), cfg.class_label, dtype=torch.long)
     return null_labels(num_classes, n, "cpu")
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10.0 * np.log10(4.0 / mse)
 
 
 @torch.no_grad()
@@ -114,9 +145,7 @@ def restore(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, samp
     truth, y = load_inputs(cfg, run_config, shape, operator)
     if isinstance(operator, Downsample) and truth is None:
         operator.check_measurement(y, shape[1:])
-    method = Restoration(cfg.method, jump_length=cfg.jump_length, jump_n_sample=cfg.jump_n_sample,
-                         ilvr_until=cfg.ilvr_until, travel_length=cfg.travel_length,
-                             travel_repeat=cfg.travel_repeat)
+    method = restoration_for(cfg.method, run_config, restoration_knobs(cfg), kind)
     method.path(len(sampler.timesteps_for(schedule)))  # knobs that do not fit the sampler fail before any work
     n, k = y.shape[0], cfg.samples_per_input
     repeated = y.repeat_interleave(k, dim=0)

@@ -14,8 +14,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from difflab.diffusion.restoration import METHODS as TRAINING_FREE_METHODS
 from difflab.training import precision
-from difflab.diffusion.restoration import METHODS as RESTORATION_METHODS
+from difflab.training.tasks import TASK_METHODS
+
+RESTORATION_METHODS = TRAINING_FREE_METHODS + tuple(TASK_METHODS.values())
 
 
 class ConfigError(ValueError):
@@ -72,6 +75,7 @@ class UNetConfig:
     image_size: Optional[int] = None  # null: taken from the data
     time_embed_mult: int = 4
     gradient_checkpointing: bool = False
+    conditioner: Any = None  # a difflab.models.conditioning.Conditioner node (SR3, Palette), or null
 
     def validate(self, key: str) -> None:
         _check(self.base_channels >= 1, f"{key}.base_channels", self.base_channels, "an integer >= 1")
@@ -119,8 +123,8 @@ class ObjectiveConfig:
 
     def validate(self, key: str) -> None:
         _check(self.prediction in ("eps", "x0", "v"), f"{key}.prediction", self.prediction, "eps, x0 or v")
-        _check(self.timesteps in ("uniform", "logsnr_normal"), f"{key}.timesteps", self.timesteps,
-               "uniform or logsnr_normal")
+        _check(self.timesteps in ("uniform", "logsnr_normal", "last"), f"{key}.timesteps", self.timesteps,
+               "uniform, logsnr_normal or last")
         _check(self.logsnr_std > 0, f"{key}.logsnr_std", self.logsnr_std, "a number > 0")
         _check(self.weighting in ("none", "min_snr"), f"{key}.weighting", self.weighting, "none or min_snr")
         _check(self.min_snr_gamma > 0, f"{key}.min_snr_gamma", self.min_snr_gamma, "a number > 0")
@@ -297,6 +301,7 @@ class TrainConfig:
     float32_matmul_precision: str = "high"
     train: bool = True
     p_uncond: float = 0.1
+    task: Any = None  # a difflab.training.tasks node that builds each batch's conditions, or null
     optimized_metric: Optional[str] = "val/loss"
 
 
@@ -398,6 +403,7 @@ class EvalConfig(RestorationKnobs):
     real_baseline: bool = True
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     task: str = "sample"
+    trained_ckpts: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["replacement", "repaint", "ddnm"])
     baselines: bool = True
     diversity_inputs: int = 8

@@ -70,6 +70,8 @@ def resolve_precision(cfg: DictConfig, net: torch.nn.Module, datamodule: Any) ->
     cond = None
     if getattr(net, "num_classes", None) is not None:
         cond = torch.arange(shape[0]) % net.num_classes
+    if cfg.get("task") is not None:  # the probe feeds the conditions the run will feed
+        cond = instantiate(cfg.task).inputs(torch.rand(shape) * 2 - 1, torch.Generator().manual_seed(0))
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
     inherited = json.loads(os.environ.get(_DECISION_ENV, "{}")) if rank > 0 else {}
     if inherited.get("output_dir") == str(cfg.paths.output_dir):
@@ -130,7 +132,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
         net, instantiate(cfg.schedule), instantiate(cfg.sampler),
         **_hydra.plain(cfg.objective), **_hydra.plain(cfg.optim), channels_last=cfg.channels_last, compile=cfg.compile,
         p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
-        run_config=_hydra.plain(cfg),
+        task=instantiate(cfg.task) if cfg.get("task") is not None else None, run_config=_hydra.plain(cfg),
     )
     if HydraConfig.initialized():
         _ddp.install()  # processes Lightning starts for DDP rerun this job, not the command line

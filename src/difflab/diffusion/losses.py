@@ -8,7 +8,9 @@ Noise-level density ``timesteps``: ``"uniform"`` draws t ~ U{0..T-1} (DDPM); ``"
 draws log-SNR ~ N(mean, std) and takes the timestep nearest to it, EDM's log-normal density
 over sigma (Karras et al. 2022, sec. 5, P_mean/P_std) in VP terms: log SNR = -2 log sigma. It
 spends the training steps on the mid noise levels where samples take shape, instead of on
-nearly clean or nearly pure-noise inputs.
+nearly clean or nearly pure-noise inputs. ``"last"`` trains only t = T-1: with objective x0
+and a conditioned network (SR3's input) that is a plain MSE regression from the condition,
+the baseline SR3 compares itself with; sample it with one trailing DDIM step.
 
 Weighting ``"min_snr"`` is Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training
 via Min-SNR Weighting Strategy"): the x_0-space loss is weighted by ``min(SNR_t, gamma)``,
@@ -28,7 +30,7 @@ from .schedule import NoiseSchedule, extract
 
 OBJECTIVES = ("eps", "x0", "v")
 WEIGHTINGS = ("none", "min_snr")
-TIMESTEP_DENSITIES = ("uniform", "logsnr_normal")
+TIMESTEP_DENSITIES = ("uniform", "logsnr_normal", "last")
 
 
 def sample_timesteps(schedule: NoiseSchedule, batch: int, *, density: str = "uniform", logsnr_mean: float = 2.0,
@@ -37,6 +39,8 @@ def sample_timesteps(schedule: NoiseSchedule, batch: int, *, density: str = "uni
     """Training timesteps [B] (long) drawn from the noise-level ``density`` (see module doc)."""
     if density == "uniform":
         return torch.randint(0, schedule.num_timesteps, (batch,), device=device, generator=generator)
+    if density == "last":  # only the noisiest level: with objective x0 and a condition, plain regression
+        return torch.full((batch,), schedule.num_timesteps - 1, dtype=torch.long, device=device)
     if density != "logsnr_normal":
         raise ValueError(f"unknown timestep density {density!r}; allowed: {', '.join(TIMESTEP_DENSITIES)}")
     if logsnr_std <= 0:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from difflab.models.conditioning import Conditioner, vector_projection
 from difflab.models.layers import (
     Downsample,
     GroupNormFP32,
@@ -74,6 +75,9 @@ class UNet(nn.Module):
         time_embed_mult: the time/class embedding has ``base_channels * time_embed_mult`` dims.
         gradient_checkpointing: in training, keep only each block's input and recompute the
             block in the backward pass: less activation memory for one more forward of compute.
+        conditioner: a ``models.conditioning.Conditioner``; ``cond`` is then a dict of its
+            inputs, its ``concat`` part widens the first convolution and its ``vector`` part is
+            added to the time embedding. ``cond=None`` drops every condition (zeros).
 
     ``t`` may be integer or fractional timesteps [B], or a scalar used for the whole batch.
     For speed on CPU, call ``to_channels_last(model)`` and run under bf16 autocast.
@@ -95,6 +99,7 @@ class UNet(nn.Module):
         image_size: int | None = None,
         time_embed_mult: int = 4,
         gradient_checkpointing: bool = False,
+        conditioner: Conditioner | None = None,
     ) -> None:
         super().__init__()
         channel_mults = tuple(channel_mults)
@@ -117,6 +122,12 @@ class UNet(nn.Module):
         self.class_embed = (
             nn.Embedding(num_classes + 1, embed_dim) if num_classes is not None else None
         )
+        self.conditioner = conditioner
+        sizes = conditioner.sizes() if conditioner is not None else {"concat": 0, "vector": 0, "tokens": 0}
+        if sizes["tokens"]:
+            raise ValueError("token conditions need cross-attention, which this U-Net does not have yet")
+        self.concat_channels = sizes["concat"]
+        self.vector_embed = vector_projection(sizes["vector"], embed_dim) if sizes["vector"] else None
 
         def block(cin: int, cout: int, attention: bool) -> ResAttentionBlock:
             return ResAttentionBlock(
@@ -124,7 +135,7 @@ class UNet(nn.Module):
             )
 
         widths = [base_channels * m for m in channel_mults]
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + self.concat_channels, base_channels, 3, padding=1)
         skip_widths = [base_channels]
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -159,13 +170,24 @@ class UNet(nn.Module):
         self.norm_out = GroupNormFP32(num_groups, current)
         self.conv_out = zero_init(nn.Conv2d(current, self.out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
-        """Predict from noisy images ``x`` [B, C, H, W] at timesteps ``t`` with labels ``cond``."""
+    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | dict | None = None) -> Tensor:
+        """Predict from noisy images ``x`` [B, C, H, W] at timesteps ``t`` with labels ``cond``
+        (or, with a conditioner, the dict of its inputs)."""
         self._check_input(x)
-        embed_act = F.silu(self._embed(x, t, cond))  # every block starts with SiLU: do it once
+        parts: dict[str, Tensor] = {}
+        if self.conditioner is not None:
+            if cond is not None and not isinstance(cond, dict):
+                raise ValueError(f"this U-Net is conditioned on {self.conditioner.input_keys}: pass cond as a dict "
+                                 "of them (or None for the unconditional prediction)")
+            parts = self.conditioner(cond or {}, x, drop_all=cond is None)
+            cond = None
+        embed = self._embed(x, t, cond)
+        if self.vector_embed is not None:
+            embed = embed + self.vector_embed(parts["vector"].to(embed.dtype))
+        embed_act = F.silu(embed)  # every block starts with SiLU: do it once
 
         run = self._run_block
-        h = self.conv_in(x)
+        h = self.conv_in(torch.cat([x, parts["concat"].to(x.dtype)], dim=1) if self.concat_channels else x)
         skips = [h]
         for level, blocks in enumerate(self.down_blocks):
             for blk in blocks:

@@ -93,14 +93,27 @@ class SampleGrid(EveryNEpochs):
             return None
         return (torch.arange(self.num_samples, device=module.device) // self.nrow) % num_classes
 
+    def restoration_grid(self, trainer: "pl.Trainer", module: pl.LightningModule, generator: torch.Generator,
+                         path: Path) -> torch.Tensor:
+        """A trained restoration model: rows of held-out images, seen | restored | truth."""
+        split = "val" if len(trainer.datamodule.split("val").images) else "train"
+        truth = trainer.datamodule.split(split).images[: max(1, self.num_samples // 3)].to(module.device)
+        cond = module.task.inputs(truth, torch.Generator().manual_seed(self.seed))
+        restored = module.sample(len(truth), generator=generator, cond=cond)
+        seen = module.task.seen(cond)
+        return save_grid(torch.stack([seen, restored, truth], dim=1).flatten(0, 1), path, nrow=3)
+
     def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
         if not trainer.is_global_zero:
             return
         module = ema_module(trainer, pl_module)
         generator = torch.Generator(module.device).manual_seed(self.seed)
-        images = module.sample(self.num_samples, generator=generator, cond=self.labels(module))
         path = self.dirpath / f"{tag}.png"
-        grid = save_grid(images, path, nrow=self.nrow)
+        if getattr(module, "task", None) is not None:
+            grid = self.restoration_grid(trainer, module, generator, path)
+        else:
+            images = module.sample(self.num_samples, generator=generator, cond=self.labels(module))
+            grid = save_grid(images, path, nrow=self.nrow)
         self.paths.append(path)
         log_image(trainer, "samples", grid)
 
@@ -124,6 +137,16 @@ class ExportEMA(EveryNEpochs):
     def __init__(self, path: str = "checkpoints/ema.pt", every_n_epochs: int = 10) -> None:
         super().__init__(every_n_epochs)
         self.path = Path(path)
+
+    def restoration_grid(self, trainer: "pl.Trainer", module: pl.LightningModule, generator: torch.Generator,
+                         path: Path) -> torch.Tensor:
+        """A trained restoration model: rows of held-out images, seen | restored | truth."""
+        split = "val" if len(trainer.datamodule.split("val").images) else "train"
+        truth = trainer.datamodule.split(split).images[: max(1, self.num_samples // 3)].to(module.device)
+        cond = module.task.inputs(truth, torch.Generator().manual_seed(self.seed))
+        restored = module.sample(len(truth), generator=generator, cond=cond)
+        seen = module.task.seen(cond)
+        return save_grid(torch.stack([seen, restored, truth], dim=1).flatten(0, 1), path, nrow=3)
 
     def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
         if not trainer.is_global_zero:

@@ -40,6 +40,8 @@ class DiffusionModule(pl.LightningModule):
             replaced by the null class (condition dropout for classifier-free guidance).
         guidance_scale: classifier-free guidance scale used by `sample` when labels are
             given (None: no guidance, i.e. the plain conditional prediction).
+        task: a restoration task (``difflab.training.tasks``) that builds the condition dict of
+            each batch from its clean images (SR3, Palette); the network needs a conditioner.
         run_config: the resolved run configuration, stored in checkpoints so that the
             network, schedule and sampler can be rebuilt from the checkpoint alone.
     """
@@ -50,11 +52,15 @@ class DiffusionModule(pl.LightningModule):
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  lr_schedule: str = "constant", min_lr_ratio: float = 0.1, channels_last: bool = True,
                  compile: bool = False, p_uncond: float = 0.1, guidance_scale: Optional[float] = None,
-                 run_config: Optional[dict] = None) -> None:
+                 task: Any = None, run_config: Optional[dict] = None) -> None:
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond={p_uncond} must be in [0, 1).")
-        self.save_hyperparameters(ignore=["net", "schedule", "sampler"])
+        self.save_hyperparameters(ignore=["net", "schedule", "sampler", "task"])
+        if task is not None and getattr(net, "conditioner", None) is None:
+            raise ValueError(f"task {task!r} builds conditions, but the network has no conditioner to read them: "
+                             "set model.conditioner (see experiment=mnist5k_sr3 / mnist5k_palette)")
+        self.task = task
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.schedule = schedule
         self.sampler = sampler
@@ -65,10 +71,13 @@ class DiffusionModule(pl.LightningModule):
     def conditional(self) -> bool:
         return getattr(self.net, "num_classes", None) is not None
 
-    def _batch(self, batch: Any, train: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _batch(self, batch: Any, train: bool = False, generator: Optional[torch.Generator] = None
+               ) -> tuple[torch.Tensor, Any]:
         images, labels = batch
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.task is not None:  # conditions from the clean images (dropout is the conditioner's)
+            return images, self.task.inputs(images, generator)
         if not self.conditional:
             return images, None
         if train:  # condition dropout teaches the same network the unconditional prediction
@@ -107,7 +116,7 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, cond = self._batch(batch)
+        images, cond = self._batch(batch, generator=torch.Generator().manual_seed(20_000 + batch_idx))
         # The same timesteps and noise every validation, so val losses compare across epochs.
         generator = torch.Generator(self.device).manual_seed(10_000 + batch_idx)
         loss = self.loss(images, cond, generator=generator)

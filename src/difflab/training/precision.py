@@ -154,12 +154,21 @@ def probe(net: nn.Module, shape: Sequence[int], candidates: Sequence[Candidate],
     rates: dict[str, float] = {}
     fp32_first = None
     for candidate in sorted(candidates, key=lambda c: c.precision != "32-true"):
-        first, seconds = timer(net, batch_shape, candidate, cond=None if cond is None else cond[: batch_shape[0]],
+        first, seconds = timer(net, batch_shape, candidate, cond=_first_rows(cond, batch_shape[0]),
                                fp32_first=None if candidate.precision == "32-true" else fp32_first)
         if candidate.precision == "32-true":
             fp32_first = first if fp32_first is None else min(fp32_first, first)
         rates[candidate.name] = batch_shape[0] / seconds
     return rates
+
+
+def _first_rows(cond: Any, n: int) -> Any:
+    """The conditions of the first n images: labels, or a dict of condition tensors."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {key: value[:n] for key, value in cond.items()}
+    return cond[:n]
 
 
 def matmul_gain(n: int = 256, repeats: int = 5) -> float:
