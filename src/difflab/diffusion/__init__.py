@@ -1,6 +1,7 @@
 """Pure tensor math for diffusion models: schedules, forward process, targets, losses,
 the denoiser wrapper and samplers. Imports neither Lightning nor Hydra."""
 
+from .degradation import Downsample, Inpaint, Operator, make_keep
 from .denoiser import CallCounter, Denoiser
 from .losses import OBJECTIVES, WEIGHTINGS, diffusion_loss, min_snr_weight, training_target
 from .process import (
@@ -29,6 +30,7 @@ from .samplers import (
     langevin_correct,
     timesteps,
 )
+from .restoration import Restoration
 from .schedule import BETA_SCHEDULES, NoiseSchedule, beta_schedule, extract
 from .sigma import SigmaDenoiser, karras_sigmas, sigma_range, sigma_to_t, t_to_sigma
 
@@ -40,6 +42,10 @@ __all__ = [
     "WEIGHTINGS",
     "DDIMSampler",
     "DDPMSampler",
+    "Downsample",
+    "Inpaint",
+    "Operator",
+    "Restoration",
     "DPMSolverPPSampler",
     "Denoiser",
     "EulerSampler",
@@ -57,6 +63,7 @@ __all__ = [
     "extract",
     "karras_sigmas",
     "langevin_correct",
+    "make_keep",
     "min_snr_weight",
     "predict_eps_from_v",
     "predict_eps_from_x0",
