@@ -319,6 +319,9 @@ def test_inpaint_task_scores_methods_beside_the_baselines(uncond_run, tmp_path):
     assert int(by["replacement"]["nfe"]) == 6 and int(by["repaint"]["nfe"]) == 6 + 2 * 2  # jumps at 2 and 4
     assert int(by["ddnm"]["nfe"]) == 6  # its time-travel has its own knobs, off by default
     assert float(by["repaint"]["diversity"]) > 0 and float(by["zero (baseline)"]["diversity"]) == 0
+    for name in ("replacement", "repaint", "ddnm"):  # over 3 restorations of 2 inputs
+        assert float(by[name]["agreement_majority"]) in (0.0, 0.5, 1.0)
+        assert float(by[name]["agreement_any"]) >= float(by[name]["agreement_majority"])
     for name in ("results.md", "restoration_vs_nfe.png", "strips/repaint_ddpm_6.png", "strips/baseline_nearest.png"):
         assert (tmp_path / "inpaint" / name).is_file(), name
 

@@ -41,8 +41,8 @@ from difflab.training.checkpoint import load_network_weights
 from difflab.training.tasks import TASK_METHODS
 
 log = logging.getLogger("difflab.evaluate")
-COLUMNS = ("method", "sampler", "steps", "nfe", "n", "label_agreement", "psnr", "ssim", "psnr_hole",
-           "consistency_psnr", "fid", "diversity", "seconds")
+COLUMNS = ("method", "sampler", "steps", "nfe", "n", "label_agreement", "agreement_majority", "agreement_any",
+           "psnr", "ssim", "psnr_hole", "consistency_psnr", "fid", "diversity", "seconds")
 
 
 def _cells(cfg: DictConfig, samplers: dict, models: list[tuple]) -> list[dict[str, Any]]:
@@ -90,16 +90,28 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
     out = Path(cfg.paths.output_dir)
 
     def score(name: str, restored: torch.Tensor, seconds: float, extra: dict[str, Any],
-              spread: float) -> dict[str, Any]:
+              spread: dict[str, float]) -> dict[str, Any]:
         features = evaluator.features(restored)
         agreement = float((features.logits.argmax(1) == labels).float().mean()) if features.logits is not None \
             else float("nan")
         fid = evaluator.score(features)["fid"]
         row = {**extra, "n": n, "label_agreement": agreement, **restoration_scores(restored, truth, operator, y),
-               "fid": fid, "diversity": spread, "seconds": round(seconds, 2)}
+               "fid": fid, **spread, "seconds": round(seconds, 2)}
         strip = torch.stack([operator.A_pinv(y[:8]), restored[:8], truth[:8]], dim=1).flatten(0, 1)
         save_grid(strip, out / "strips" / f"{name}.png", nrow=3)
         return row
+
+    def repeated_scores(restorations: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+        """Over k restorations of each of m inputs: pixel diversity, and how often the majority
+        label and any of the k labels is the true one (a posterior sampler of an ambiguous
+        input draws several readings: "any" shows whether the true one is among them)."""
+        logits = evaluator.features(restorations.flatten(0, 1)).logits
+        out = {"diversity": diversity(restorations)}
+        if logits is not None:
+            labels_k = logits.argmax(1).reshape(restorations.shape[:2])
+            out["agreement_majority"] = float((torch.mode(labels_k, 1).values == true).float().mean())
+            out["agreement_any"] = float((labels_k == true[:, None]).any(1).float().mean())
+        return out
 
     rows = []
     names = INPAINT_BASELINES if cfg.task == "inpaint" else SUPERRES_BASELINES
@@ -108,7 +120,8 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
             start = time.perf_counter()
             restored = baseline(name, operator, y, train)
             rows.append(score(f"baseline_{name}", restored, time.perf_counter() - start,
-                              {"method": f"{name} (baseline)", "sampler": None, "steps": None, "nfe": 0}, 0.0))
+                              {"method": f"{name} (baseline)", "sampler": None, "steps": None, "nfe": 0},
+                              {"diversity": 0.0}))
     counters = [CallCounter(model[0].net) for model in models]
     k, m = cfg.diversity_samples, min(cfg.diversity_inputs, n)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -137,8 +150,8 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
             restored = run(y, generator)
             seconds = time.perf_counter() - start
             nfe = counter.calls // -(-n // cfg.batch_size)
-            spread = diversity(run(y[:m].repeat_interleave(k, dim=0), generator).reshape(m, k, *shape)) \
-                if k >= 2 and m >= 1 else float("nan")
+            spread = repeated_scores(run(y[:m].repeat_interleave(k, dim=0), generator).reshape(m, k, *shape),
+                                     labels[:m]) if k >= 2 and m >= 1 else {"diversity": float("nan")}
             tag = f"{cell['method']}_{cell['sampler']}_{cell['steps']}"  # method: sr3, regression, ...
             rows.append(score(tag, restored, seconds, {"method": cell["method"], "sampler": cell["sampler"],
                                                        "steps": cell["steps"], "nfe": nfe}, spread))
