@@ -63,7 +63,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if run_config.get("task") is not None and cfg.task == "sample":
         raise schema.ConfigError(f"{cfg.ckpt} is a trained restoration model: it needs its condition. Score it with "
                                  "task=superres methods=[sr3] or task=inpaint methods=[palette].")
-    base, schedule = build_denoiser(run_config, weights, device)
+    base, schedule = build_denoiser(run_config, weights, device, precision=cfg.precision,
+                                    cache_dir=cfg.paths.cache_dir, batch=min(cfg.batch_size, cfg.n))
     net, num_classes = base.net, run_config["model"].get("num_classes")
     model = run_config["model"]
     shape = (model["in_channels"], model["image_size"], model["image_size"])

@@ -72,7 +72,9 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
     models = [(denoiser, schedule, run_config)]
     for path in cfg.trained_ckpts:
         trained_config, weights = load_network_weights(path)
-        models.append((*build_denoiser(trained_config, weights, device), trained_config))
+        models.append((*build_denoiser(trained_config, weights, device, precision=cfg.precision,
+                                       cache_dir=cfg.paths.cache_dir, batch=min(cfg.batch_size, cfg.n)),
+                       trained_config))
     size = datamodule.image_size
     try:
         operator = build_operator(cfg.task, mask=cfg.mask, factor=cfg.factor, size=size, box=cfg.box,

@@ -24,15 +24,19 @@ from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.training.callbacks import save_grid
 from difflab.training.checkpoint import CheckpointError, load_network_weights
+from difflab.training.inference_precision import AutocastNetwork, resolve_inference
 
 log = logging.getLogger("difflab.sample")
 _hydra.setup()
 
 
-def build_denoiser(run_config: dict, weights: dict, device: torch.device, guidance_scale: float | None = None
+def build_denoiser(run_config: dict, weights: dict, device: torch.device, guidance_scale: float | None = None,
+                   precision: str = "32-true", cache_dir: str | None = None, batch: int = 64
                    ) -> tuple[Denoiser, torch.nn.Module]:
     """Rebuild the network and schedule of a checkpoint (from `load_network_weights`) and
-    load its weights; with a guidance scale, wrap the network in classifier-free guidance."""
+    load its weights; with a guidance scale, wrap the network in classifier-free guidance.
+    `precision` is what the network samples in (`auto`: measured once per machine and cached
+    under `cache_dir`, see training.inference_precision)."""
     net = instantiate(run_config["model"], _convert_="all")
     try:
         net.load_state_dict(weights)
@@ -42,8 +46,26 @@ def build_denoiser(run_config: dict, weights: dict, device: torch.device, guidan
     schedule = instantiate(run_config["schedule"])
     net.to(device).eval()
     schedule.to(device)
+    model = run_config["model"]
+    shape = (batch, model["in_channels"], model["image_size"], model["image_size"])
+    decision = resolve_inference(precision, device, net, shape, cache_dir=cache_dir,
+                                 channels_last="auto" if precision == "auto" else False,
+                                 cond=probe_cond(run_config, shape))
+    log.info("sampling: %s", decision.summary())
+    for warning in decision.warnings:
+        log.warning("%s", warning)
+    net = AutocastNetwork.wrap(net, decision)
     guided = net if guidance_scale is None else ClassifierFreeGuidance(net, net.num_classes, guidance_scale)
     return Denoiser(guided, schedule, run_config["objective"]["prediction"]), schedule
+
+
+def probe_cond(run_config: dict, shape: tuple[int, ...]):
+    """Conditions shaped like the ones sampling will pass, for the precision probe."""
+    if run_config.get("task") is not None:
+        task = instantiate(run_config["task"])
+        return task.inputs(torch.rand(shape) * 2 - 1, torch.Generator().manual_seed(0))
+    num_classes = run_config["model"].get("num_classes")
+    return None if num_classes is None else torch.arange(shape[0]) % num_classes
 
 
 def class_labels(cfg: DictConfig, num_classes: int | None, nrow: int) -> torch.Tensor | None:
@@ -80,7 +102,9 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
             raise schema.ConfigError(f"guidance.scale={scale} needs a class-conditional model; "
                                      f"{cfg.ckpt} is unconditional. Drop guidance.scale.")
         scale = None
-    denoiser, schedule = build_denoiser(run_config, weights, device, scale if labels is not None else None)
+    denoiser, schedule = build_denoiser(run_config, weights, device, scale if labels is not None else None,
+                                        precision=cfg.precision, cache_dir=cfg.paths.cache_dir,
+                                        batch=min(cfg.batch_size, cfg.n))
     sampler = instantiate(cfg.sampler if cfg.sampler is not None else run_config["sampler"])
     shape = (model["in_channels"], model["image_size"], model["image_size"])
     generator = torch.Generator(device).manual_seed(cfg.seed)

@@ -345,6 +345,7 @@ class SampleConfig(RestorationKnobs):
     class_label: Optional[int] = None
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     mode: str = "sample"
+    precision: str = "auto"
     trajectory: bool = False
     columns: int = 9
     input: str = "val"
@@ -360,6 +361,7 @@ class SampleConfig(RestorationKnobs):
                self.mode, "sample, inversion, interpolate, forward, inpaint or superres")
         _check(self.columns >= 2, "columns", self.columns, "an integer >= 2")
         _check(self.method in RESTORATION_METHODS, "method", self.method, ", ".join(RESTORATION_METHODS))
+        precision.check_precision(self.precision, "precision")
         _check(self.samples_per_input >= 1, "samples_per_input", self.samples_per_input, "an integer >= 1")
         self.validate_restoration()
 
@@ -403,6 +405,7 @@ class EvalConfig(RestorationKnobs):
     real_baseline: bool = True
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     task: str = "sample"
+    precision: str = "auto"
     trained_ckpts: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["replacement", "repaint", "ddnm"])
     baselines: bool = True
@@ -412,6 +415,7 @@ class EvalConfig(RestorationKnobs):
     def validate(self, key: str = "") -> None:
         _check(self.n >= 4, "n", self.n, "an integer >= 4")
         _check(self.task in ("sample", "inpaint", "superres"), "task", self.task, "sample, inpaint or superres")
+        precision.check_precision(self.precision, "precision")
         _check(len(self.methods) >= 1 and all(m in RESTORATION_METHODS for m in self.methods), "methods",
                self.methods, "a non-empty list of " + ", ".join(RESTORATION_METHODS))
         _check(self.diversity_inputs >= 0, "diversity_inputs", self.diversity_inputs, "an integer >= 0")

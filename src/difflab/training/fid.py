@@ -21,6 +21,8 @@ from difflab.metrics.evaluate import SampleEvaluator, balanced_labels
 from difflab.metrics.features import Features
 from difflab.training.callbacks import EveryNEpochs
 from difflab.training.ema import ema_module
+from difflab.training.inference_precision import resolve_inference
+from difflab.training.precision import check_precision
 
 log = logging.getLogger("difflab.train")
 
@@ -30,13 +32,14 @@ class FID(EveryNEpochs):
 
     `extractor`: `domain` (offline classifier trained on the dataset, cached under
     `cache_dir`) or `inception` (torch-fidelity, `inception_weights` file). Reference
-    features: the whole `ref_split` split, computed once and cached.
+    features: the whole `ref_split` split, computed once and cached. `precision`: what the
+    network samples in (`auto`: measured, see `inference_precision`; rank 0 decides for all).
     """
 
     def __init__(self, every_n_epochs: int = 10, num_samples: int = 256, batch_size: int = 256, seed: int = 4321,
                  extractor: str = "domain", cache_dir: str = ".cache", inception_weights: Optional[str] = None,
                  ref_split: str = "train", kid_subset_size: int = 1000, prefix: str = "eval/",
-                 domain_steps: int = DomainClassifierConfig.steps) -> None:
+                 domain_steps: int = DomainClassifierConfig.steps, precision: str = "auto") -> None:
         super().__init__(every_n_epochs)
         if num_samples < 4 or batch_size < 1:
             raise ValueError(f"FID needs num_samples >= 4 (got {num_samples}) and batch_size >= 1")
@@ -45,6 +48,8 @@ class FID(EveryNEpochs):
                         "ref_split": ref_split, "kid_subset_size": kid_subset_size,
                         "domain": DomainClassifierConfig(steps=domain_steps)}
         self.prefix = prefix
+        self.precision = check_precision(precision, "callbacks.fid.precision")
+        self.sampling_precision: Optional[str] = None  # decided at the first evaluation
         self.evaluator: Optional[SampleEvaluator] = None
         self.history: list[dict[str, Any]] = []
 
@@ -75,8 +80,13 @@ class FID(EveryNEpochs):
         labels = None if num_classes is None else balanced_labels(len(indices), num_classes, indices.start)
         generator = torch.Generator(module.device).manual_seed(self.seed + 1_000_003 * trainer.global_rank)
 
+        dtype = self._sampling_dtype(trainer, module, labels)
+
         def sample(n: int, cond: Optional[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
-            return module.sample(n, generator=gen, cond=None if cond is None else cond.to(module.device))
+            # Autocast reaches the network's convolutions and matmuls; the sampler's own
+            # element-wise updates stay in float32.
+            with torch.autocast(module.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                return module.sample(n, generator=gen, cond=None if cond is None else cond.to(module.device))
 
         local = self.evaluator.generate(sample, len(indices), batch_size=self.batch_size, labels=labels,
                                         generator=generator, keep_images=0).features
@@ -91,6 +101,21 @@ class FID(EveryNEpochs):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             log.info("%s: %s", tag, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def _sampling_dtype(self, trainer: "pl.Trainer", module: pl.LightningModule,
+                        labels: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+        if self.sampling_precision is None:
+            chosen = None
+            if trainer.is_global_zero:
+                shape = (min(self.batch_size, self.num_samples), *module.image_shape)
+                cond = None if labels is None else labels[: shape[0]]
+                decision = resolve_inference(self.precision, module.device, module.net, shape,
+                                             channels_last=bool(module.hparams.get("channels_last", False)),
+                                             cache_dir=self.options["cache_dir"], cond=cond)
+                chosen = decision.precision
+                log.info("FID sampling: %s", decision.summary())
+            self.sampling_precision = trainer.strategy.broadcast(chosen, src=0)
+        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.sampling_precision)
 
     def _gather(self, pl_module: pl.LightningModule, local: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if local is None:

@@ -1,0 +1,99 @@
+"""`precision: auto` for sampling: difflab-sample, difflab-evaluate and the FID callback.
+
+The same rule as training (`precision`), measured on what sampling does: a forward pass of
+the network in eval mode without gradients, at its input shape. On the CPU bf16 autocast is
+chosen only where it is at least `BF16_MIN_GAIN` times fp32; on CUDA bf16 (or fp16) autocast
+by rule. The probe is cached per machine like the training one (kind "infer"). Samplers keep
+their state in float32 whatever is chosen: only the network runs in bf16, and the `Denoiser`
+casts its output back.
+
+    decision = resolve_inference("auto", "cpu", net, (256, 1, 28, 28), cache_dir=".cache")
+    net = AutocastNetwork.wrap(net, decision)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from difflab.training.precision import (
+    PROBE_MAX_STEPS,
+    PROBE_SECONDS,
+    SLOW_FIRST_STEP,
+    Candidate,
+    Decision,
+    resolve,
+)
+
+
+@torch.no_grad()
+def time_forward(net: nn.Module, shape: Sequence[int], candidate: Candidate, *, cond: Any = None,
+                 fp32_first: Optional[float] = None) -> tuple[float, float]:
+    """(first call, fastest timed call) in seconds of one eval-mode forward in `candidate`."""
+    memory_format = torch.channels_last if candidate.channels_last else torch.contiguous_format
+    model = copy.deepcopy(net).eval().to(memory_format=memory_format)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator).contiguous(memory_format=memory_format)
+    t = torch.randint(0, 1000, (shape[0],), generator=generator)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(candidate.precision)
+
+    def call() -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            model(x, t, cond) if cond is not None else model(x, t)
+        return time.perf_counter() - start
+
+    first = call()
+    if fp32_first is not None and first >= SLOW_FIRST_STEP * fp32_first:
+        return first, first
+    times: list[float] = []
+    while len(times) < PROBE_MAX_STEPS and (len(times) < 1 or sum(times) < PROBE_SECONDS):
+        times.append(call())
+    return first, min(times)
+
+
+def resolve_inference(precision: Any, device: str | torch.device, net: nn.Module, shape: Sequence[int], *,
+                      channels_last: Any = "auto", cache_dir: Optional[str] = None, cond: Any = None,
+                      timer: Callable[..., tuple[float, float]] = time_forward,
+                      bf16_check: Optional[Callable[[], float]] = None) -> Decision:
+    """The precision and layout to sample `net` in on `device` (see the module)."""
+    accelerator = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    return resolve(precision, accelerator, channels_last, net, shape, cache_dir=cache_dir, cond=cond, timer=timer,
+                   kind="infer", bf16_check=bf16_check)
+
+
+class AutocastNetwork(nn.Module):
+    """`net(x, t, cond)` run under autocast (and with channels_last inputs) as decided.
+
+    Attributes the rest of difflab reads from a network (`num_classes`, `conditioner`,
+    `image_size`, `in_channels`) are handed through."""
+
+    def __init__(self, net: nn.Module, dtype: Optional[torch.dtype], channels_last: bool) -> None:
+        super().__init__()
+        self.net, self.dtype, self.channels_last = net, dtype, channels_last
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def wrap(cls, net: nn.Module, decision: Decision) -> nn.Module:
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(decision.precision)
+        if dtype is None and not decision.channels_last:
+            return net
+        return cls(net, dtype, decision.channels_last)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["net"], name)
+
+    def forward(self, x: torch.Tensor, t: Any, cond: Any = None) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        device_type = x.device.type if x.device.type in ("cuda", "cpu") else "cpu"
+        with torch.autocast(device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            return self.net(x, t, cond)
