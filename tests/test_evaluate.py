@@ -406,3 +406,18 @@ def test_sample_cli_restores_with_a_trained_sr3_model_and_refuses_plain_sampling
         assert written["strip"].is_file() and written["npz"].is_file()
         with pytest.raises(ConfigError, match="needs its condition, so mode=sample does not apply"):
             sample_cli.sample(compose("sample", [f"ckpt={ckpt}", f"paths.output_dir={tmp_path / 'x'}"]))
+
+
+def test_sampler_args_reach_every_sampler_and_are_checked(uncond_run, tmp_path):
+    from difflab.cli.evaluate import evaluate
+    from difflab.cli.schema import ConfigError
+
+    base = [f"ckpt={uncond_run / 'checkpoints' / 'ema.pt'}", "n=8", "batch_size=8", "progress=false",
+            "samplers=[ddim]", "steps=[3]", "task=inpaint", "methods=[ddnm]", "baselines=false", "diversity_inputs=0"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        rows = evaluate(compose("eval", [*base, "+sampler_args.eta=0.85", f"paths.output_dir={tmp_path / 'a'}"]))
+        assert [r["method"] for r in rows] == ["ddnm"]
+        with pytest.raises(ConfigError, match="samplers:"):
+            evaluate(compose("eval", [*base, "+sampler_args.etaa=1", f"paths.output_dir={tmp_path / 'b'}"]))
+        with pytest.raises(ValueError, match="eta"):
+            evaluate(compose("eval", [*base, "+sampler_args.eta=1.5", f"paths.output_dir={tmp_path / 'c'}"]))

@@ -41,10 +41,12 @@ log = logging.getLogger("difflab.evaluate")
 _hydra.setup()
 
 
-def sampler_config(name: str, steps: int) -> DictConfig:
-    """`conf/sampler/<name>.yaml` with `steps` set, checked by its schema."""
+def sampler_config(name: str, steps: int, args: Optional[dict] = None) -> DictConfig:
+    """`conf/sampler/<name>.yaml` with `steps` and the keys of `args` set, checked by its schema."""
+    extra = [f"sampler.{key}={value}" for key, value in (args or {}).items()]
     try:
-        cfg = hydra.compose(config_name="sample", overrides=[f"sampler={name}", f"sampler.steps={steps}", "ckpt=-"])
+        cfg = hydra.compose(config_name="sample",
+                            overrides=[f"sampler={name}", f"sampler.steps={steps}", *extra, "ckpt=-"])
     except HydraException as error:
         raise schema.ConfigError(f"samplers: {str(error).splitlines()[0]}") from error
     return cfg.sampler
@@ -69,7 +71,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     model = run_config["model"]
     shape = (model["in_channels"], model["image_size"], model["image_size"])
     cells = grid_cells(cfg, num_classes is not None and cfg.task == "sample")
-    nodes = {(c["sampler"], c["steps"]): sampler_config(c["sampler"], c["steps"]) for c in cells}
+    args = OmegaConf.to_container(cfg.sampler_args)
+    nodes = {(c["sampler"], c["steps"]): sampler_config(c["sampler"], c["steps"], args) for c in cells}
     for node in nodes.values():  # knobs in range; discrete samplers take at most T steps
         schema.check_sampler(node, schedule.num_timesteps)
     samplers = {key: instantiate(node) for key, node in nodes.items()}

@@ -399,6 +399,7 @@ class EvalConfig(RestorationKnobs):
     device: str = "auto"
     progress: bool = True
     samplers: list[str] = field(default_factory=lambda: ["ddim", "dpmpp"])
+    sampler_args: dict[str, Any] = field(default_factory=dict)
     steps: list[int] = field(default_factory=lambda: [10, 25, 50])
     guidance_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 3.0])
     grid_images: int = 64
