@@ -138,16 +138,6 @@ class ExportEMA(EveryNEpochs):
         super().__init__(every_n_epochs)
         self.path = Path(path)
 
-    def restoration_grid(self, trainer: "pl.Trainer", module: pl.LightningModule, generator: torch.Generator,
-                         path: Path) -> torch.Tensor:
-        """A trained restoration model: rows of held-out images, seen | restored | truth."""
-        split = "val" if len(trainer.datamodule.split("val").images) else "train"
-        truth = trainer.datamodule.split(split).images[: max(1, self.num_samples // 3)].to(module.device)
-        cond = module.task.inputs(truth, torch.Generator().manual_seed(self.seed))
-        restored = module.sample(len(truth), generator=generator, cond=cond)
-        seen = module.task.seen(cond)
-        return save_grid(torch.stack([seen, restored, truth], dim=1).flatten(0, 1), path, nrow=3)
-
     def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
         if not trainer.is_global_zero:
             return

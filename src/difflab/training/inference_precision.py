@@ -13,47 +13,17 @@ casts its output back.
 
 from __future__ import annotations
 
-import copy
-import time
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from difflab.training.precision import (
-    PROBE_MAX_STEPS,
-    PROBE_SECONDS,
-    SLOW_FIRST_STEP,
-    Candidate,
-    Decision,
-    resolve,
-)
+from difflab.training.precision import Decision, resolve, time_candidate
 
 
-@torch.no_grad()
-def time_forward(net: nn.Module, shape: Sequence[int], candidate: Candidate, *, cond: Any = None,
-                 fp32_first: Optional[float] = None) -> tuple[float, float]:
-    """(first call, fastest timed call) in seconds of one eval-mode forward in `candidate`."""
-    memory_format = torch.channels_last if candidate.channels_last else torch.contiguous_format
-    model = copy.deepcopy(net).eval().to(memory_format=memory_format)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=generator).contiguous(memory_format=memory_format)
-    t = torch.randint(0, 1000, (shape[0],), generator=generator)
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(candidate.precision)
-
-    def call() -> float:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            model(x, t, cond) if cond is not None else model(x, t)
-        return time.perf_counter() - start
-
-    first = call()
-    if fp32_first is not None and first >= SLOW_FIRST_STEP * fp32_first:
-        return first, first
-    times: list[float] = []
-    while len(times) < PROBE_MAX_STEPS and (len(times) < 1 or sum(times) < PROBE_SECONDS):
-        times.append(call())
-    return first, min(times)
+# One eval-mode forward without gradients per timed step: what a sampler step costs.
+time_forward = functools.partial(time_candidate, backward=False)
 
 
 def resolve_inference(precision: Any, device: str | torch.device, net: nn.Module, shape: Sequence[int], *,

@@ -114,13 +114,15 @@ def _autocast_dtype(precision: str) -> Optional[torch.dtype]:
 
 
 def time_candidate(net: nn.Module, shape: Sequence[int], candidate: Candidate, *,
-                   cond: Optional[torch.Tensor] = None, fp32_first: Optional[float] = None) -> tuple[float, float]:
+                   cond: Optional[torch.Tensor] = None, fp32_first: Optional[float] = None,
+                   backward: bool = True) -> tuple[float, float]:
     """(first step, fastest timed step) in seconds, one step being a forward + backward of
-    `net` on `shape` in `candidate`'s setting. The first step pays for kernel selection, so
+    `net` on `shape` in `candidate`'s setting (with `backward=False`: one eval-mode forward
+    without gradients, what a sampler step costs). The first step pays for kernel selection, so
     it is only compared with fp32's first step: when it alone takes `SLOW_FIRST_STEP` times
     as long, the candidate is clearly slower and is not measured further (a bf16 that runs
     at a tenth of fp32 is not worth more seconds)."""
-    model = copy.deepcopy(net).train()
+    model = copy.deepcopy(net).train(backward)
     memory_format = torch.channels_last if candidate.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     generator = torch.Generator().manual_seed(0)
@@ -130,10 +132,12 @@ def time_candidate(net: nn.Module, shape: Sequence[int], candidate: Candidate, *
 
     def step() -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.set_grad_enabled(backward), \
+                torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(x, t, cond) if cond is not None else model(x, t)
-        out.float().square().mean().backward()
-        model.zero_grad(set_to_none=True)
+        if backward:
+            out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
     first = step()
