@@ -124,7 +124,7 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
             rows.append(score(f"baseline_{name}", restored, time.perf_counter() - start,
                               {"method": f"{name} (baseline)", "sampler": None, "steps": None, "nfe": 0},
                               {"diversity": 0.0}))
-    counters = [CallCounter(model[0].net) for model in models]
+    counters = {id(model): CallCounter(model[0].net) for model in models}
     k, m = cfg.diversity_samples, min(cfg.diversity_inputs, n)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not cfg.progress) as progress:
@@ -132,7 +132,7 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
         for cell in cells:
             method, sampler = cell["restoration"], cell["run"]
             cell_denoiser, cell_schedule, _ = cell["model"]
-            counter = counters[next(i for i, model in enumerate(models) if model is cell["model"])]
+            counter = counters[id(cell["model"])]
             label = f"{cell['method']} {cell['sampler']} {cell['steps']} steps"
             images_task = progress.add_task(label, total=n + m * k)
 
@@ -161,7 +161,7 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
             progress.advance(overall)
             log.info("%s: %s", label, ", ".join(f"{key}={v:.4g}" for key, v in rows[-1].items()
                                                  if isinstance(v, float)))
-    for counter in counters:
+    for counter in counters.values():
         counter.remove()
     write(rows, out, cfg, operator, n)
     return rows

@@ -25,6 +25,7 @@ from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.training.callbacks import save_grid
 from difflab.training.checkpoint import CheckpointError, load_network_weights
 from difflab.training.inference_precision import AutocastNetwork, resolve_inference
+from difflab.training.tasks import probe_conditions
 
 log = logging.getLogger("difflab.sample")
 _hydra.setup()
@@ -50,22 +51,14 @@ def build_denoiser(run_config: dict, weights: dict, device: torch.device, guidan
     shape = (batch, model["in_channels"], model["image_size"], model["image_size"])
     decision = resolve_inference(precision, device, net, shape, cache_dir=cache_dir,
                                  channels_last="auto" if precision == "auto" else False,
-                                 cond=probe_cond(run_config, shape))
+                                 cond=probe_conditions(instantiate(run_config["task"]) if run_config.get("task")
+                                                       else None, model.get("num_classes"), shape))
     log.info("sampling: %s", decision.summary())
     for warning in decision.warnings:
         log.warning("%s", warning)
     net = AutocastNetwork.wrap(net, decision)
     guided = net if guidance_scale is None else ClassifierFreeGuidance(net, net.num_classes, guidance_scale)
     return Denoiser(guided, schedule, run_config["objective"]["prediction"]), schedule
-
-
-def probe_cond(run_config: dict, shape: tuple[int, ...]):
-    """Conditions shaped like the ones sampling will pass, for the precision probe."""
-    if run_config.get("task") is not None:
-        task = instantiate(run_config["task"])
-        return task.inputs(torch.rand(shape) * 2 - 1, torch.Generator().manual_seed(0))
-    num_classes = run_config["model"].get("num_classes")
-    return None if num_classes is None else torch.arange(shape[0]) % num_classes
 
 
 def class_labels(cfg: DictConfig, num_classes: int | None, nrow: int) -> torch.Tensor | None:
@@ -132,7 +125,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     images = torch.cat(chunks)
     grid_path, npz_path = out / "samples.png", out / "samples.npz"
     save_grid(images, grid_path, nrow=nrow)
-    uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    uint8 = sample_modes.to_uint8(images)
     extra = {} if labels is None else {"labels": labels.numpy()}
     np.savez_compressed(npz_path, images=uint8, **extra)
     written = {"grid": grid_path, "npz": npz_path}

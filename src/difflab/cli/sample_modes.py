@@ -21,6 +21,11 @@ from difflab.diffusion.samplers.ddim import ddim_invert
 from difflab.training.callbacks import save_grid, to_unit
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images [N, C, H, W] as uint8 [N, H, W, C], the layout of every difflab .npz."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def deterministic_ddim(sampler: Sampler) -> DDIMSampler:
     """The DDIM (eta = 0) twin of the chosen sampler: inversion and interpolation need an ODE."""
     if isinstance(sampler, DDIMSampler):

@@ -14,6 +14,7 @@ grey) or the low-res image upsampled by nearest neighbour.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from difflab.cli import sample_modes, schema
+from difflab.data.sources import read_image, uint8_to_unit_range
 from difflab.diffusion.degradation import DegradationError, Downsample, Inpaint, Operator, build_operator
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.guidance import null_labels
@@ -36,21 +38,10 @@ from difflab.training.tasks import TASK_METHODS, TrainedRestoration
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def _uint8(images: torch.Tensor) -> np.ndarray:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def read_native(path: Path, channels: int) -> torch.Tensor:
-    """One image file at its own size as [C, H, W] in [-1, 1]."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as opened:
-            pixels = np.array(opened.convert({1: "L", 3: "RGB"}[channels]), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise DegradationError(f"cannot read the input image {path} ({type(error).__name__}: {error}).") from error
-    pixels = pixels.reshape(*pixels.shape[:2], channels)
-    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
+    """One image file at its own size as [C, H, W] in [-1, 1] (the data sources' decoder)."""
+    pixels = torch.from_numpy(read_image(path, None, channels).copy()).permute(2, 0, 1)
+    return uint8_to_unit_range(pixels[None])[0]
 
 
 def load_inputs(cfg: DictConfig, run_config: dict[str, Any], shape: tuple[int, int, int],
@@ -117,8 +108,8 @@ def restoration_for(method: str, run_config: dict, knobs: dict, mode: str):
 
 
 def restoration_knobs(cfg: DictConfig) -> dict[str, Any]:
-    return {"jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample, "ilvr_until": cfg.ilvr_until,
-            "travel_length": cfg.travel_length, "travel_repeat": cfg.travel_repeat}
+    """The config's values of every `Restoration` setting but the method (same names)."""
+    return {f.name: cfg[f.name] for f in dataclasses.fields(Restoration) if f.name != "method"}
 
 
 def restoration_cond(cfg: DictConfig, num_classes: int | None, n: int) -> torch.Tensor | None:
@@ -165,13 +156,14 @@ def restore(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, samp
     strip = torch.cat(columns, dim=1)[:rows]
     written = {"strip": out / "restoration.png", "npz": out / "restoration.npz"}
     save_grid(strip.flatten(0, 1), written["strip"], nrow=strip.shape[1])
-    extra: dict[str, np.ndarray] = {"truth": _uint8(truth)} if truth is not None else {}
+    extra: dict[str, np.ndarray] = {"truth": sample_modes.to_uint8(truth)} if truth is not None else {}
     if isinstance(operator, Inpaint):
         extra["keep"] = operator.keep[0, 0].numpy()
     else:
         extra["factor"] = np.array(operator.factor)
-    np.savez_compressed(written["npz"], degraded=_uint8(degraded), measurement=_uint8(y),
-                        restored=_uint8(restored.flatten(0, 1)), samples_per_input=np.array(k), **extra)
+    uint8 = sample_modes.to_uint8
+    np.savez_compressed(written["npz"], degraded=uint8(degraded), measurement=uint8(y),
+                        restored=uint8(restored.flatten(0, 1)), samples_per_input=np.array(k), **extra)
     flat = restored.flatten(0, 1)
     consistency = psnr(operator.A(flat), repeated)
     summary = f"{kind} with {method.method} on {type(sampler).__name__}: {n * k} restorations in {seconds:.1f} s"

@@ -33,6 +33,7 @@ from difflab.training.checkpoint import CheckpointError, check_resume_compatible
 from difflab.training import precision, tracking
 from difflab.training.budget import StepBudget, ValidateAtEnd
 from difflab.training.module import DiffusionModule
+from difflab.training.tasks import probe_conditions
 
 log = logging.getLogger("difflab.train")
 _hydra.setup()
@@ -59,7 +60,7 @@ def _instantiate_all(nodes: DictConfig | None) -> list[Any]:
 _DECISION_ENV = "DIFFLAB_PRECISION_DECISION"  # rank 0's choice, inherited by the ranks Lightning starts
 
 
-def resolve_precision(cfg: DictConfig, net: torch.nn.Module, datamodule: Any) -> precision.Decision:
+def resolve_precision(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, task: Any = None) -> precision.Decision:
     """Resolve `trainer.precision` and `channels_last` (`auto`: measured, see
     difflab.training.precision) and write the choice into `cfg`, so config.yaml holds it.
 
@@ -67,11 +68,7 @@ def resolve_precision(cfg: DictConfig, net: torch.nn.Module, datamodule: Any) ->
     the other ranks, which inherit the decision), and ranks started by torchrun or SLURM
     read rank 0's cached probe."""
     shape = (cfg.data.batch_size, datamodule.channels, datamodule.image_size, datamodule.image_size)
-    cond = None
-    if getattr(net, "num_classes", None) is not None:
-        cond = torch.arange(shape[0]) % net.num_classes
-    if cfg.get("task") is not None:  # the probe feeds the conditions the run will feed
-        cond = instantiate(cfg.task).inputs(torch.rand(shape) * 2 - 1, torch.Generator().manual_seed(0))
+    cond = probe_conditions(task, getattr(net, "num_classes", None), shape)  # what the run will feed
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
     inherited = json.loads(os.environ.get(_DECISION_ENV, "{}")) if rank > 0 else {}
     if inherited.get("output_dir") == str(cfg.paths.output_dir):
@@ -127,12 +124,13 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
     OmegaConf.update(cfg, "model.in_channels", cfg.model.in_channels or datamodule.channels)
     OmegaConf.update(cfg, "model.image_size", cfg.model.image_size or datamodule.image_size)
     net = instantiate(cfg.model, _convert_="all")
-    decision = resolve_precision(cfg, net, datamodule)
+    task = instantiate(cfg.task) if cfg.get("task") is not None else None
+    decision = resolve_precision(cfg, net, datamodule, task)
     module = DiffusionModule(
         net, instantiate(cfg.schedule), instantiate(cfg.sampler),
         **_hydra.plain(cfg.objective), **_hydra.plain(cfg.optim), channels_last=cfg.channels_last, compile=cfg.compile,
         p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
-        task=instantiate(cfg.task) if cfg.get("task") is not None else None, run_config=_hydra.plain(cfg),
+        task=task, run_config=_hydra.plain(cfg),
     )
     if HydraConfig.initialized():
         _ddp.install()  # processes Lightning starts for DDP rerun this job, not the command line

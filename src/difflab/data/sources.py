@@ -281,15 +281,17 @@ def scan_image_folder(path: str | os.PathLike) -> ImageFolderIndex:
     return ImageFolderIndex(files, labels, tuple(name for name, _ in classes))
 
 
-def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """Decode one file, scale its shorter side to image_size, centre-crop: uint8 [H, W, C]."""
+def read_image(path: Path, image_size: int | None, channels: int) -> np.ndarray:
+    """Decode one file, scale its shorter side to image_size, centre-crop: uint8 [H, W, C]
+    (`image_size=None`: at the file's own size)."""
     from PIL import Image, ImageOps
 
     mode = {1: "L", 3: "RGB"}[channels]
     try:
         with Image.open(path) as opened:
             # JPEG can decode at 1/2, 1/4, 1/8 scale directly: much faster for big photos.
-            opened.draft(mode, (image_size, image_size))
+            if image_size is not None:
+                opened.draft(mode, (image_size, image_size))
             image = ImageOps.exif_transpose(opened)
             if image.mode in ("RGBA", "LA", "P", "PA"):
                 # Put transparent pixels on white rather than on whatever colour they hide.
@@ -302,6 +304,8 @@ def read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             "remove the file from the folder or replace it with a valid image"
         ) from err
     width, height = image.size
+    if image_size is None:
+        return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
     scale = image_size / min(width, height)
     new_size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
     image = image.resize(new_size, Image.Resampling.BICUBIC)

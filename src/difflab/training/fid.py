@@ -22,7 +22,7 @@ from difflab.metrics.features import Features
 from difflab.training.callbacks import EveryNEpochs
 from difflab.training.ema import ema_module
 from difflab.training.inference_precision import resolve_inference
-from difflab.training.precision import check_precision
+from difflab.training.precision import autocast_dtype, check_precision
 
 log = logging.getLogger("difflab.train")
 
@@ -115,7 +115,7 @@ class FID(EveryNEpochs):
                 chosen = decision.precision
                 log.info("FID sampling: %s", decision.summary())
             self.sampling_precision = trainer.strategy.broadcast(chosen, src=0)
-        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.sampling_precision)
+        return autocast_dtype(self.sampling_precision)
 
     def _gather(self, pl_module: pl.LightningModule, local: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if local is None:

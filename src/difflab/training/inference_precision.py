@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from difflab.training.precision import Decision, resolve, time_candidate
+from difflab.training.precision import Decision, autocast_dtype, resolve, time_candidate
 
 
 # One eval-mode forward without gradients per timed step: what a sampler step costs.
@@ -50,7 +50,7 @@ class AutocastNetwork(nn.Module):
 
     @classmethod
     def wrap(cls, net: nn.Module, decision: Decision) -> nn.Module:
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(decision.precision)
+        dtype = autocast_dtype(decision.precision)
         if dtype is None and not decision.channels_last:
             return net
         return cls(net, dtype, decision.channels_last)

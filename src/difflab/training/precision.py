@@ -109,7 +109,8 @@ FP32_NCHW, FP32_CL = Candidate("32-true", False), Candidate("32-true", True)
 BF16_CL = Candidate("bf16-mixed", True)
 
 
-def _autocast_dtype(precision: str) -> Optional[torch.dtype]:
+def autocast_dtype(precision: Optional[str]) -> Optional[torch.dtype]:
+    """The autocast dtype of a mixed precision, None for the others (float32 and friends)."""
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
 
@@ -128,7 +129,7 @@ def time_candidate(net: nn.Module, shape: Sequence[int], candidate: Candidate, *
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=generator).contiguous(memory_format=memory_format)
     t = torch.randint(0, 1000, (shape[0],), generator=generator)
-    dtype = _autocast_dtype(candidate.precision)
+    dtype = autocast_dtype(candidate.precision)
 
     def step() -> float:
         start = time.perf_counter()

@@ -92,6 +92,15 @@ class Inpainting:
         return f"Inpainting({', '.join(self.masks)})"
 
 
+def probe_conditions(task: SuperResolution | Inpainting | None, num_classes: Optional[int],
+                     shape: tuple[int, ...]) -> object:
+    """Conditions shaped like the ones a run feeds its network (the task's dict, class labels
+    or None), for the precision probes of training and sampling."""
+    if task is not None:
+        return task.inputs(torch.rand(shape) * 2 - 1, torch.Generator().manual_seed(0))
+    return None if num_classes is None else torch.arange(shape[0]) % num_classes
+
+
 class TrainedRestoration:
     """Restoration by a model trained for it (``sr3`` or ``palette``), with the interface of
     ``diffusion.restoration.Restoration``: the sampler runs once, conditioned on the task's
@@ -131,8 +140,8 @@ class TrainedRestoration:
         if self.regression:
             noise = x_T if x_T is not None else torch.randn(shape, generator=generator, device=schedule.device)
             out = denoiser.x0(noise.to(schedule.device), schedule.num_timesteps - 1, inputs, clip=True)
-            return operator.project(out, y) if isinstance(self.task, Inpainting) else out
-        start = {"x_T": x_T} if x_T is not None else {"shape": shape}
-        out = sampler.sample(denoiser, schedule, cond=inputs, generator=generator, progress=progress, **start)
+        else:
+            start = {"x_T": x_T} if x_T is not None else {"shape": shape}
+            out = sampler.sample(denoiser, schedule, cond=inputs, generator=generator, progress=progress, **start)
         return operator.project(out, y) if isinstance(self.task, Inpainting) else out
 
