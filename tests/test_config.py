@@ -33,7 +33,8 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_validates(group, option):
     extra = {("data", "folder"): ["data.path=/nonexistent"],
-             ("guidance", "cfg"): ["model.num_classes=10"]}.get((group, option), [])
+             ("guidance", "cfg"): ["model.num_classes=10"],
+             ("model", "autoencoder_kl"): ["stage=autoencoder"]}.get((group, option), [])
     cfg = _compose([f"{group}={option}", *extra])
     schema.validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from difflab.cli import _hydra, evaluate_restore, schema
-from difflab.cli.sample import build_denoiser, pick_device
+from difflab.cli.sample import build_denoiser, clip_range, load_model, pick_device
 from difflab.data import DatasetUnavailableError
 from difflab.diffusion.denoiser import CallCounter, Denoiser
 from difflab.diffusion.guidance import ClassifierFreeGuidance
@@ -35,7 +35,8 @@ from difflab.metrics.domain import DomainClassifierConfig
 from difflab.metrics.evaluate import SampleEvaluator, balanced_labels
 from difflab.metrics.features import ExtractorUnavailableError
 from difflab.training.callbacks import save_grid
-from difflab.training.checkpoint import CheckpointError, load_network_weights
+from difflab.training.checkpoint import CheckpointError
+from difflab.training.first_stage import image_shape_of, is_latent
 
 log = logging.getLogger("difflab.evaluate")
 _hydra.setup()
@@ -61,7 +62,10 @@ def grid_cells(cfg: DictConfig, conditional: bool) -> list[dict[str, Any]]:
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     OmegaConf.to_object(cfg).validate()
     device = pick_device(cfg.device)
-    run_config, weights = load_network_weights(cfg.ckpt)
+    run_config, weights, decode = load_model(cfg.ckpt, device)
+    if is_latent(run_config) and cfg.task != "sample":
+        raise schema.ConfigError(f"task={cfg.task} scores restoration in pixel space; {cfg.ckpt} is a latent model "
+                                 "(first_stage=kl): use task=sample.")
     if run_config.get("task") is not None and cfg.task == "sample":
         raise schema.ConfigError(f"{cfg.ckpt} is a trained restoration model: it needs its condition. Score it with "
                                  "task=superres methods=[sr3] or task=inpaint methods=[palette].")
@@ -78,9 +82,10 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     samplers = {key: instantiate(node) for key, node in nodes.items()}
 
     datamodule = instantiate(run_config["data"])
-    if (datamodule.channels, datamodule.image_size) != (shape[0], shape[1]):
+    image_shape = image_shape_of(run_config)
+    if (datamodule.channels, datamodule.image_size) != image_shape[:2]:
         raise CheckpointError(f"the run's data gives {datamodule.channels}x{datamodule.image_size} images but "
-                              f"the network takes {shape[0]}x{shape[1]}")
+                              f"the model makes {image_shape[0]}x{image_shape[1]}")
     m = cfg.metrics
     evaluator = SampleEvaluator(
         datamodule, m.extractor, cfg.paths.cache_dir, inception_weights=m.inception_weights, ref_split=m.ref_split,
@@ -103,14 +108,14 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         for cell in cells:
             scale = cell["guidance_scale"]
             guided = net if scale is None else ClassifierFreeGuidance(net, num_classes, scale)
-            denoiser = Denoiser(guided, schedule, run_config["objective"]["prediction"])
+            denoiser = Denoiser(guided, schedule, run_config["objective"]["prediction"], clip_range(run_config))
             sampler = samplers[(cell["sampler"], cell["steps"])]
             label = f"{cell['sampler']} {cell['steps']} steps" + ("" if scale is None else f" w={scale:g}")
             images_task = progress.add_task(label, total=cfg.n)
 
             def draw(size: int, cond: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-                return sampler.sample(denoiser, schedule, (size, *shape), generator=generator,
-                                      cond=None if cond is None else cond.to(device))
+                return decode(sampler.sample(denoiser, schedule, (size, *shape), generator=generator,
+                                             cond=None if cond is None else cond.to(device)))
 
             counter.calls, start = 0, time.perf_counter()
             generated = evaluator.generate(draw, cfg.n, batch_size=cfg.batch_size, labels=labels,

@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import numpy as np
@@ -23,7 +24,8 @@ from difflab.cli import _hydra, sample_modes, sample_restore, schema
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.training.callbacks import save_grid
-from difflab.training.checkpoint import CheckpointError, load_network_weights
+from difflab.training.checkpoint import CheckpointError, read_checkpoint
+from difflab.training.first_stage import is_latent, latent_space_from_checkpoint
 from difflab.training.inference_precision import AutocastNetwork, resolve_inference
 from difflab.training.tasks import probe_conditions
 
@@ -58,7 +60,25 @@ def build_denoiser(run_config: dict, weights: dict, device: torch.device, guidan
         log.warning("%s", warning)
     net = AutocastNetwork.wrap(net, decision)
     guided = net if guidance_scale is None else ClassifierFreeGuidance(net, net.num_classes, guidance_scale)
-    return Denoiser(guided, schedule, run_config["objective"]["prediction"]), schedule
+    return Denoiser(guided, schedule, run_config["objective"]["prediction"], clip_range=clip_range(run_config)), \
+        schedule
+
+
+def clip_range(run_config: dict) -> float | None:
+    """Images are in [-1, 1]; a latent model's latents have no bounded range (no clipping)."""
+    return None if is_latent(run_config) else 1.0
+
+
+def load_model(path: str, device: torch.device) -> tuple[dict, dict, Callable[[torch.Tensor], torch.Tensor]]:
+    """(run_config, network weights, decode) of a diffusion checkpoint; `decode` maps what
+    the samplers return to images: the first stage's decoder for a latent model, else the
+    identity."""
+    run_config, weights, first_stage_state = read_checkpoint(path)
+    space = latent_space_from_checkpoint(run_config, first_stage_state)
+    if space is None:
+        return run_config, weights, lambda x: x
+    space.to(device)
+    return run_config, weights, space.decode
 
 
 def class_labels(cfg: DictConfig, num_classes: int | None, nrow: int) -> torch.Tensor | None:
@@ -85,9 +105,12 @@ def pick_device(name: str) -> torch.device:
 def sample(cfg: DictConfig) -> dict[str, Path]:
     OmegaConf.to_object(cfg).validate()
     device = pick_device(cfg.device)
-    run_config, weights = load_network_weights(cfg.ckpt)
+    run_config, weights, decode = load_model(cfg.ckpt, device)
     model = run_config["model"]
     nrow = cfg.nrow or max(1, round(math.sqrt(cfg.n)))
+    if is_latent(run_config) and cfg.mode not in ("sample", "interpolate"):
+        raise schema.ConfigError(f"mode={cfg.mode} works on pixel-space models; {cfg.ckpt} is a latent model "
+                                 "(first_stage=kl): use mode=sample or mode=interpolate.")
     labels = class_labels(cfg, model.get("num_classes"), nrow)
     scale = cfg.guidance.scale if cfg.guidance.scale is not None else run_config.get("guidance", {}).get("scale")
     if scale is not None and model.get("num_classes") is None:
@@ -109,7 +132,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     if cfg.mode in ("inpaint", "superres"):
         return sample_restore.restore(cfg, denoiser, schedule, sampler, run_config, shape, generator, out)
     if cfg.mode != "sample":
-        return run_mode(cfg, denoiser, schedule, sampler, run_config, shape, generator, labels, out)
+        return run_mode(cfg, denoiser, schedule, sampler, run_config, shape, generator, labels, out, decode)
     chunks, trajectory = [], []
     batches = range(0, cfg.n, cfg.batch_size)
     for start in track(batches, description="sampling", disable=not cfg.progress or len(batches) < 2):
@@ -121,7 +144,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
                                     return_trajectory=cfg.trajectory and start == 0)
         if cfg.trajectory and start == 0:
             result, trajectory = result
-        chunks.append(result.cpu())
+            trajectory = [decode(frame) for frame in trajectory]
+        chunks.append(decode(result).cpu())
     images = torch.cat(chunks)
     grid_path, npz_path = out / "samples.png", out / "samples.npz"
     save_grid(images, grid_path, nrow=nrow)
@@ -139,7 +163,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
 
 @torch.no_grad()
 def run_mode(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, sampler, run_config: dict,
-             shape: tuple, generator: torch.Generator, labels, out: Path) -> dict[str, Path]:
+             shape: tuple, generator: torch.Generator, labels, out: Path,
+             decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, Path]:
     """mode=inversion | interpolate | forward: one strip image each (see sample_modes)."""
     rows = min(cfg.n, 16)
     if cfg.mode == "inversion":
@@ -147,7 +172,8 @@ def run_mode(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, sam
         print(f"DDIM inversion with {stats['steps']} steps: reconstruction MSE {stats['reconstruction_mse']:.5f}")
         path = out / "inversion.png"
     elif cfg.mode == "interpolate":
-        sample_modes.interpolation(denoiser, schedule, sampler, shape, rows, cfg.columns, generator, out, labels)
+        sample_modes.interpolation(denoiser, schedule, sampler, shape, rows, cfg.columns, generator, out, labels,
+                                   decode)
         path = out / "interpolation.png"
     else:
         sample_modes.forward_process(schedule, run_config, rows, cfg.columns, generator, out)

@@ -4,7 +4,7 @@ and the denoising trajectory as a GIF. Each writes one image file into the run d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import imageio.v3 as iio
 import numpy as np
@@ -55,7 +55,7 @@ def inversion(denoiser: Denoiser, schedule: torch.nn.Module, sampler: Sampler, r
 
 def interpolation(denoiser: Denoiser, schedule: torch.nn.Module, sampler: Sampler, shape: tuple,
                   rows: int, columns: int, generator: torch.Generator, out: Path,
-                  cond: torch.Tensor | None = None) -> None:
+                  cond: torch.Tensor | None = None, decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> None:
     """Each row: DDIM (eta = 0) samples along a slerp between two noises."""
     ddim = deterministic_ddim(sampler)
     a = torch.randn((rows, *shape), generator=generator, device=schedule.device)
@@ -63,7 +63,7 @@ def interpolation(denoiser: Denoiser, schedule: torch.nn.Module, sampler: Sample
     weights = torch.linspace(0, 1, columns)
     latents = torch.stack([slerp(a, b, float(w)) for w in weights], dim=1).flatten(0, 1)
     labels = None if cond is None else cond[:rows].repeat_interleave(columns)
-    images = ddim.sample(denoiser, schedule, x_T=latents, cond=labels)
+    images = decode(ddim.sample(denoiser, schedule, x_T=latents, cond=labels))
     save_grid(images, out / "interpolation.png", nrow=columns)
 
 

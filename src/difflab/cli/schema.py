@@ -12,13 +12,26 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra_zen import builds
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from difflab.diffusion.restoration import METHODS as TRAINING_FREE_METHODS
+from difflab.models.autoencoder import AutoencoderKL
+from difflab.training.autoencoder import AutoencoderModule
+from difflab.training.first_stage import first_stage_spec
 from difflab.training import precision
 from difflab.training.tasks import TASK_METHODS
 
 RESTORATION_METHODS = TRAINING_FREE_METHODS + tuple(TASK_METHODS.values())
+STAGES = ("diffusion", "autoencoder")
+
+# Schemas derived from the constructors they configure (design.md): every argument, typed,
+# and nothing else; the constructors check their own ranges (`build_checked`).
+AutoencoderSchema = builds(AutoencoderKL, populate_full_signature=True)
+AutoencoderLossSchema = builds(AutoencoderModule, populate_full_signature=True, zen_partial=True,
+                               zen_exclude=("net", "run_config", "channels_last", "lr", "betas", "weight_decay",
+                                            "warmup_steps", "lr_schedule", "min_lr_ratio"))
+FirstStageSchema = builds(first_stage_spec, populate_full_signature=True, zen_dataclass={"cls_name": "FirstStage"})
 
 
 class ConfigError(ValueError):
@@ -282,7 +295,8 @@ class PathsConfig:
 @dataclass
 class TrainConfig:
     data: DataConfig = MISSING
-    model: UNetConfig = MISSING
+    model: Any = MISSING  # each model option starts from its own schema (UNetConfig, AutoencoderSchema)
+    first_stage: Any = None  # a FirstStageSchema node: identity | kl
     schedule: ScheduleConfig = MISSING
     objective: ObjectiveConfig = MISSING
     sampler: Any = MISSING
@@ -300,6 +314,8 @@ class TrainConfig:
     compile: bool = False
     float32_matmul_precision: str = "high"
     train: bool = True
+    stage: str = "diffusion"
+    autoencoder_loss: Any = None  # stage=autoencoder: an AutoencoderLossSchema node
     p_uncond: float = 0.1
     task: Any = None  # a difflab.training.tasks node that builds each batch's conditions, or null
     optimized_metric: Optional[str] = "val/loss"
@@ -489,6 +505,9 @@ def register() -> None:
     cs.store(name="ablate_schema", node=AblateConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="model", name="unet_schema", node=UNetConfig)
+    cs.store(group="model", name="autoencoder_schema", node=AutoencoderSchema)
+    cs.store(group="autoencoder_loss", name="schema", node=AutoencoderLossSchema)
+    cs.store(group="first_stage", name="schema", node=FirstStageSchema)
     cs.store(group="schedule", name="schema", node=ScheduleConfig)
     cs.store(group="objective", name="schema", node=ObjectiveConfig)
     cs.store(group="sampler", name="ddpm_schema", node=DDPMSamplerConfig)
@@ -512,18 +531,39 @@ def validate(cfg: DictConfig) -> None:
         if hasattr(node, "validate"):
             node.validate(key)
     _check(0.0 <= cfg.p_uncond < 1.0, "p_uncond", cfg.p_uncond, "a number in [0, 1)")
+    _check(cfg.get("stage", "diffusion") in STAGES, "stage", cfg.get("stage"), " or ".join(STAGES))
+    model_is_unet = isinstance(obj(cfg.model), UNetConfig)
+    if (cfg.get("stage", "diffusion") == "diffusion") != model_is_unet:
+        raise ConfigError(f"stage={cfg.stage} does not train model={cfg.model._target_}: a diffusion run trains a "
+                          "U-Net (model=unet_*), an autoencoder run model=autoencoder_kl "
+                          "(use experiment=mnist5k_autoencoder for the latter).")
     try:
         precision.check_precision(cfg.trainer.precision)
         precision.check_layout(cfg.channels_last)
     except precision.PrecisionError as error:
         raise ConfigError(str(error)) from None
-    if cfg.guidance.scale is not None and cfg.model.num_classes is None:
+    if cfg.guidance.scale is not None and cfg.model.get("num_classes") is None:
         raise ConfigError("guidance.scale is set but the model is unconditional: set model.num_classes "
                           "(and train with p_uncond > 0), or use guidance=none.")
     sampler = obj(cfg.sampler)
     if hasattr(sampler, "validate"):
         sampler.validate("sampler", schedule)
     check_sampler(cfg.sampler, schedule.num_timesteps)
+
+
+def build_checked(key: str, node: Any, **kwargs: Any) -> Any:
+    """Instantiate `node` (and call the partial it makes with `kwargs`); a constructor's own
+    ValueError or TypeError becomes a ConfigError naming `key`."""
+    from hydra.utils import instantiate  # the CLI layer owns Hydra
+
+    try:
+        built = instantiate(node, _convert_="all")
+        return built(**kwargs) if kwargs else built  # a `_partial_` node gets the objects it lacks
+    except Exception as error:  # noqa: BLE001 - Hydra wraps the constructor's ValueError
+        cause = error.__cause__ or error
+        if not isinstance(cause, (ValueError, TypeError)):
+            raise
+        raise ConfigError(f"{key}: {cause}") from error
 
 
 def check_sampler(node: Any, num_timesteps: int) -> None:

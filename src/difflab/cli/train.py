@@ -32,6 +32,9 @@ from difflab.metrics import report
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
 from difflab.training import precision, tracking
 from difflab.training.budget import StepBudget, ValidateAtEnd
+from difflab.models.first_stage import LatentSpace
+from difflab.training.autoencoder import AutoencoderModule, ReconstructionProbe
+from difflab.training.first_stage import build_latent_space, cache_latents
 from difflab.training.module import DiffusionModule
 from difflab.training.tasks import probe_conditions
 
@@ -67,7 +70,7 @@ def resolve_precision(cfg: DictConfig, net: torch.nn.Module, datamodule: Any, ta
     Every rank of a multi-process run must train alike: rank 0 decides (before it starts
     the other ranks, which inherit the decision), and ranks started by torchrun or SLURM
     read rank 0's cached probe."""
-    shape = (cfg.data.batch_size, datamodule.channels, datamodule.image_size, datamodule.image_size)
+    shape = (cfg.data.batch_size, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)  # what the net takes
     cond = probe_conditions(task, getattr(net, "num_classes", None), shape)  # what the run will feed
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
     inherited = json.loads(os.environ.get(_DECISION_ENV, "{}")) if rank > 0 else {}
@@ -111,7 +114,51 @@ def budget_hint(decision: precision.Decision) -> Optional[str]:
     return None
 
 
-def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.Trainer]:
+def first_stage(cfg: DictConfig, datamodule: Any) -> Optional[LatentSpace]:
+    """`first_stage=kl`: the frozen autoencoder, its fitted scale and (cache_latents) the
+    encoded splits; the fitted scale and the autoencoder's arguments go into config.yaml."""
+    spec = schema.build_checked("first_stage", cfg.first_stage)
+    if spec["kind"] == "identity":
+        return None
+    if cfg.get("task") is not None:
+        raise schema.ConfigError("task= (trained restoration) works in pixel space: use first_stage=identity with it.")
+    space = build_latent_space(spec, datamodule)
+    OmegaConf.update(cfg, "first_stage.scale_factor", float(space.scale_factor))
+    OmegaConf.update(cfg, "first_stage.autoencoder", space.autoencoder.config(), merge=False)
+    if spec["cache_latents"]:
+        if datamodule.hflip:
+            log.info("first stage: no latent cache with data.hflip=true (a flipped latent is not the latent of "
+                     "the flipped image); encoding every batch")
+        else:
+            cache_latents(space, datamodule)
+    return space
+
+
+def _diffusion_module(cfg: DictConfig, datamodule: Any, space: Optional[LatentSpace] = None
+                      ) -> tuple[DiffusionModule, precision.Decision]:
+    net = instantiate(cfg.model, _convert_="all")
+    task = instantiate(cfg.task) if cfg.get("task") is not None else None
+    decision = resolve_precision(cfg, net, datamodule, task)
+    module = DiffusionModule(
+        net, instantiate(cfg.schedule), instantiate(cfg.sampler),
+        **_hydra.plain(cfg.objective), **_hydra.plain(cfg.optim), channels_last=cfg.channels_last, compile=cfg.compile,
+        p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
+        task=task, first_stage=space, latents_cached=bool(space is not None and datamodule.serves_other_inputs),
+        run_config=_hydra.plain(cfg),
+    )
+    return module, decision
+
+
+def _autoencoder_module(cfg: DictConfig, datamodule: Any) -> tuple[AutoencoderModule, precision.Decision]:
+    """stage=autoencoder: the first stage of latent diffusion (experiment=mnist5k_autoencoder)."""
+    net = schema.build_checked("model", cfg.model)
+    decision = resolve_precision(cfg, ReconstructionProbe(net), datamodule)
+    module = schema.build_checked("autoencoder_loss", cfg.autoencoder_loss, net=net, **_hydra.plain(cfg.optim),
+                                  channels_last=cfg.channels_last, run_config=_hydra.plain(cfg))
+    return module, decision
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer]:
     """Everything a run needs, from a composed config; nothing is trained here."""
     schema.validate(cfg)
     if cfg.seed is not None:
@@ -120,18 +167,19 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, pl.LightningDataModule, pl.
     tracking.prepare_resume(cfg)  # a resumed run continues its W&B run
 
     datamodule = instantiate(cfg.data)
-    # The network's input shape comes from the data unless the config pins it.
-    OmegaConf.update(cfg, "model.in_channels", cfg.model.in_channels or datamodule.channels)
-    OmegaConf.update(cfg, "model.image_size", cfg.model.image_size or datamodule.image_size)
-    net = instantiate(cfg.model, _convert_="all")
-    task = instantiate(cfg.task) if cfg.get("task") is not None else None
-    decision = resolve_precision(cfg, net, datamodule, task)
-    module = DiffusionModule(
-        net, instantiate(cfg.schedule), instantiate(cfg.sampler),
-        **_hydra.plain(cfg.objective), **_hydra.plain(cfg.optim), channels_last=cfg.channels_last, compile=cfg.compile,
-        p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
-        task=task, run_config=_hydra.plain(cfg),
-    )
+    space = first_stage(cfg, datamodule) if cfg.stage == "diffusion" else None
+    # The network's input shape comes from the data (or the first stage's latents) unless the config pins it.
+    channels, size = (space.latent_shape[0], space.latent_shape[1]) if space else (datamodule.channels,
+                                                                                   datamodule.image_size)
+    OmegaConf.update(cfg, "model.in_channels", cfg.model.in_channels or channels)
+    OmegaConf.update(cfg, "model.image_size", cfg.model.image_size or size)
+    if space is not None and (cfg.model.in_channels, cfg.model.image_size) != (channels, size):
+        raise schema.ConfigError(f"model.in_channels={cfg.model.in_channels} / model.image_size={cfg.model.image_size} "
+                                 f"do not fit the first stage's {channels}x{size}x{size} latents: leave them null.")
+    if cfg.stage == "autoencoder":
+        module, decision = _autoencoder_module(cfg, datamodule)
+    else:
+        module, decision = _diffusion_module(cfg, datamodule, space)
     if HydraConfig.initialized():
         _ddp.install()  # processes Lightning starts for DDP rerun this job, not the command line
     run_callbacks = [StepBudget(cause=budget_hint(decision), record={"precision": decision.record()}),

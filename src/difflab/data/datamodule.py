@@ -117,6 +117,7 @@ class ImageDataModule(L.LightningDataModule):
             self._class_names = list(info.class_names)
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
+        self._served: dict[str, InMemoryImages] | None = None  # see serve()
 
     @property
     def num_classes(self) -> int:
@@ -174,11 +175,30 @@ class ImageDataModule(L.LightningDataModule):
             self.setup("fit")
         return self.train_set if split == "train" else self.val_set
 
+    def serve(self, train: torch.Tensor, val: torch.Tensor) -> None:
+        """Let the loaders serve these tensors, one row per image of each split and with its
+        label, instead of the images (e.g. a first stage's cached latents). `split()` still
+        returns the images, for grids and metrics. Flips are off: a flipped latent is not
+        the latent of the flipped image."""
+        for name, tensor in (("train", train), ("val", val)):
+            if len(tensor) != len(self.split(name)):
+                raise ValueError(f"serve: {len(tensor)} rows for the {len(self.split(name))} {name} images")
+        self._served = {"train": InMemoryImages(train, self.train_set.labels),
+                        "val": InMemoryImages(val, self.val_set.labels)}
+
+    @property
+    def serves_other_inputs(self) -> bool:
+        """True once `serve` replaced what the loaders serve."""
+        return self._served is not None
+
+    def _loader_set(self, split: str) -> InMemoryImages:
+        return self._served[split] if self._served else self.split(split)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.split("train"), self.batch_size, shuffle=True, drop_last=self.drop_last)
+        return self._loader(self._loader_set("train"), self.batch_size, shuffle=True, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.split("val"), self.eval_batch_size, shuffle=False, drop_last=False)
+        return self._loader(self._loader_set("val"), self.eval_batch_size, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
         return DataLoader(

@@ -33,15 +33,32 @@ class Denoiser:
     ``t`` may be a LongTensor ``[B]`` or a python int (used for the whole batch).
     Network output (possibly bf16 under autocast) is cast to ``x.dtype`` before any
     conversion.
+
+    ``clip_range`` is the range of the data: a sampler's ``clip_denoised`` clamps the x_0
+    prediction to [-clip_range, clip_range] (images in [-1, 1]: 1). None for a space with no
+    bounded range, such as the scaled latents of a first stage: clipping is then off.
     """
 
-    def __init__(self, net: Network, schedule: NoiseSchedule, objective: str = "eps") -> None:
+    def __init__(self, net: Network, schedule: NoiseSchedule, objective: str = "eps",
+                 clip_range: float | None = 1.0) -> None:
         if objective not in OBJECTIVES:
             allowed = ", ".join(OBJECTIVES)
             raise ValueError(f"unknown objective {objective!r}; allowed objectives: {allowed}")
         self.net = net
         self.schedule = schedule
         self.objective = objective
+        self.clip_range = clip_range
+
+    def clip(self, x0: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+        """``x0`` clamped to the data range (unchanged when disabled or the range is None)."""
+        if not enabled or self.clip_range is None:
+            return x0
+        return x0.clamp(-self.clip_range, self.clip_range)
+
+    @property
+    def clips(self) -> bool:
+        """Whether ``clip`` changes anything (the space has a bounded range)."""
+        return self.clip_range is not None
 
     def __repr__(self) -> str:
         return f"Denoiser(objective={self.objective!r}, net={type(self.net).__name__})"
@@ -77,9 +94,8 @@ class Denoiser:
     def x0(
         self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None, clip: bool = False
     ) -> torch.Tensor:
-        """Predicted clean sample x_0(x_t, t), optionally clipped to [-1, 1]."""
-        x0 = self.predict(x, t, cond)[1]
-        return x0.clamp(-1.0, 1.0) if clip else x0
+        """Predicted clean sample x_0(x_t, t), optionally clipped to the data range."""
+        return self.clip(self.predict(x, t, cond)[1], clip)
 
     def v(self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None) -> torch.Tensor:
         """Predicted velocity v(x_t, t) (Salimans & Ho 2022)."""

@@ -249,7 +249,7 @@ class Restoration:
         y = y.to(device)
         if self.method == "ddnm":
             net = NullSpaceProjection(denoiser.net, schedule, denoiser.objective, operator, y)
-            denoiser = Denoiser(net, schedule, denoiser.objective)
+            denoiser = Denoiser(net, schedule, denoiser.objective, denoiser.clip_range)
         chain = (_SigmaChain(sampler, denoiser, schedule) if isinstance(sampler, SigmaSampler)
                  else _DiscreteChain(sampler, denoiser, schedule))
         noise = x_T.to(device) if x_T is not None else torch.randn(shape, generator=generator, device=device)

@@ -133,7 +133,8 @@ class SigmaDenoiser:
     [B]. The network is called once, on ``x_sigma / sqrt(1 + sigma^2)`` at the timestep
     ``sigma_to_t(sigma)``; when every timestep is a whole number (a discrete-grid sampler
     such as DPM-Solver++ on ``timesteps()``) it is passed as a LongTensor exactly as
-    DDPM/DDIM pass it, otherwise as float. ``clip`` clamps the result to [-1, 1].
+    DDPM/DDIM pass it, otherwise as float. ``clip`` clamps the result to the data range
+    (``Denoiser.clip_range``).
     """
 
     def __init__(self, denoiser: Denoiser) -> None:
@@ -171,4 +172,4 @@ class SigmaDenoiser:
         c_in = (1.0 + level**2) ** -0.5  # EDM Table 1 (VP): the network sees x_t = c_in x_sigma
         out = self.denoiser.net(x * c_in, self.timestep(sigma, x.shape[0], x.device), cond)
         x0 = x0_from_output(self.denoiser.objective, x, level, out.to(x.dtype)).to(x.dtype)
-        return x0.clamp(-1.0, 1.0) if clip else x0
+        return self.denoiser.clip(x0, clip)

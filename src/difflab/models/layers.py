@@ -61,15 +61,17 @@ class ResBlock(nn.Module):
     dropout -> conv3x3 (zero-initialised), plus a 1x1 skip when the width changes.
     (scale, shift) come from one linear projection of the already-SiLU'd embedding,
     as in Improved DDPM (Nichol & Dhariwal 2021, sec. 3) / ADM's "use_scale_shift_norm".
+    With ``embed_dim=None`` the block has no embedding (an autoencoder's block): the
+    second GroupNorm is applied without scale and shift.
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, embed_dim: int, dropout: float, num_groups: int
+        self, in_channels: int, out_channels: int, embed_dim: int | None, dropout: float, num_groups: int
     ) -> None:
         super().__init__()
         self.norm_in = GroupNormFP32(num_groups, in_channels)
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.embed_proj = nn.Linear(embed_dim, 2 * out_channels)
+        self.embed_proj = nn.Linear(embed_dim, 2 * out_channels) if embed_dim else None
         self.norm_out = GroupNormFP32(num_groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv_out = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
@@ -79,12 +81,15 @@ class ResBlock(nn.Module):
             else nn.Identity()
         )
 
-    def forward(self, x: Tensor, embed_act: Tensor) -> Tensor:
-        """``x`` [B, C_in, H, W]; ``embed_act`` = SiLU(embedding) [B, embed_dim]."""
+    def forward(self, x: Tensor, embed_act: Tensor | None = None) -> Tensor:
+        """``x`` [B, C_in, H, W]; ``embed_act`` = SiLU(embedding) [B, embed_dim] (None without one)."""
         h = self.conv_in(F.silu(self.norm_in(x)))
-        # [B, 2C] -> two [B, C, 1, 1]: a size-1 spatial broadcast keeps h's memory format.
-        scale, shift = self.embed_proj(embed_act)[:, :, None, None].chunk(2, dim=1)
-        h = torch.addcmul(shift, self.norm_out(h), 1 + scale)
+        if self.embed_proj is None:
+            h = self.norm_out(h)
+        else:
+            # [B, 2C] -> two [B, C, 1, 1]: a size-1 spatial broadcast keeps h's memory format.
+            scale, shift = self.embed_proj(embed_act)[:, :, None, None].chunk(2, dim=1)
+            h = torch.addcmul(shift, self.norm_out(h), 1 + scale)
         h = self.conv_out(self.dropout(F.silu(h)))
         return self.skip(x) + h
 

@@ -119,14 +119,19 @@ class SampleGrid(EveryNEpochs):
 
 
 def ema_payload(module: pl.LightningModule, trainer: Optional["pl.Trainer"] = None) -> dict[str, Any]:
-    """What `ema.pt` holds: the network's EMA weights and the run config that rebuilds it."""
-    return {
+    """What `ema.pt` holds: the network's EMA weights and the run config that rebuilds it
+    (and, for a latent model, the frozen first stage with its scale factor)."""
+    payload = {
         "format": EMA_FORMAT,
         "run_config": dict(module.hparams.get("run_config") or {}),
         "state_dict": {k: v.detach().cpu() for k, v in module.net.state_dict().items()},
         "epoch": trainer.current_epoch if trainer else None,
         "global_step": trainer.global_step if trainer else None,
     }
+    first_stage = getattr(module, "first_stage", None)
+    if first_stage is not None:
+        payload["first_stage"] = {k: v.detach().cpu() for k, v in first_stage.state_dict().items()}
+    return payload
 
 
 class ExportEMA(EveryNEpochs):
@@ -138,12 +143,15 @@ class ExportEMA(EveryNEpochs):
         super().__init__(every_n_epochs)
         self.path = Path(path)
 
+    def payload(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> dict[str, Any]:
+        return ema_payload(ema_module(trainer, pl_module), trainer)
+
     def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
         if not trainer.is_global_zero:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        torch.save(ema_payload(ema_module(trainer, pl_module), trainer), tmp)
+        torch.save(self.payload(trainer, pl_module), tmp)
         tmp.replace(self.path)
 
 

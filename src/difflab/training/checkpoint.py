@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from difflab.models.autoencoder import AUTOENCODER_FORMAT, AutoencoderKL
 from difflab.training.callbacks import EMA_FORMAT
 
 
@@ -22,28 +23,70 @@ def load_network_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, to
     `current_model_state`). Loading uses `weights_only=True`: a checkpoint is a pickle, and
     opening one must never run code.
     """
+    config, weights, _ = read_checkpoint(path)
+    return config, weights
+
+
+def _read_payload(path: str | Path, what: str) -> dict[str, Any]:
+    """torch.load with `weights_only=True`, every failure a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass ckpt=<run>/checkpoints/last.ckpt "
-                              "or ckpt=<run>/checkpoints/ema.pt")
+        raise CheckpointError(f"checkpoint {path} does not exist; pass {what}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
         raise CheckpointError(f"could not read {path} as a torch checkpoint ({type(error).__name__}: "
-                              f"{error}). Is it a difflab last.ckpt or ema.pt?") from error
+                              f"{error}). Is it a file difflab wrote ({what})?") from error
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} is not a difflab checkpoint (it holds a {type(payload).__name__}).")
+    return payload
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(run_config, network state_dict, first-stage state_dict) of a diffusion run's `.ckpt`
+    or `ema.pt`; the last is empty for a pixel-space model (see `load_network_weights`)."""
+    path = Path(path)
+    payload = _read_payload(path, "ckpt=<run>/checkpoints/last.ckpt or ckpt=<run>/checkpoints/ema.pt")
+    first_stage: dict[str, torch.Tensor] = {}
+    if payload.get("format") == AUTOENCODER_FORMAT:
+        raise CheckpointError(f"{path} is an autoencoder (a first stage), not a diffusion model: train a diffusion "
+                              f"model on it with first_stage=kl first_stage.ckpt={path}, then sample that run.")
     if payload.get("format") == EMA_FORMAT:
+        first_stage = payload.get("first_stage") or {}
         config, weights = payload.get("run_config"), payload.get("state_dict")
     elif "state_dict" in payload and isinstance(payload.get("hyper_parameters"), dict):
         config = payload["hyper_parameters"].get("run_config")
         weights = {k[len("net."):]: v for k, v in payload["state_dict"].items() if k.startswith("net.")}
+        first_stage = {k[len("first_stage."):]: v for k, v in payload["state_dict"].items()
+                       if k.startswith("first_stage.")}
     else:
         raise CheckpointError(f"{path} is not a difflab checkpoint: it has neither an EMA export "
                               f"('format': {EMA_FORMAT!r}) nor a Lightning 'state_dict' with difflab hyperparameters.")
     if not config or "model" not in config or not weights:
         raise CheckpointError(f"{path} has no run config or network weights; it was not written by difflab-train.")
-    return config, weights
+    if config.get("stage") == "autoencoder":
+        raise CheckpointError(f"{path} is an autoencoder run's checkpoint, not a diffusion model: use its "
+                              f"autoencoder.pt as first_stage.ckpt of a diffusion run.")
+    return config, weights, first_stage
+
+
+def load_autoencoder(path: str | Path) -> tuple[AutoencoderKL, dict[str, Any]]:
+    """The autoencoder of an `autoencoder.pt` (experiment=mnist5k_autoencoder) and the data it
+    was trained on ({name, path, image_size, channels})."""
+    path = Path(path)
+    payload = _read_payload(path, "first_stage.ckpt=<autoencoder run>/checkpoints/autoencoder.pt")
+    if payload.get("format") != AUTOENCODER_FORMAT:
+        kind = "a diffusion model's checkpoint" if payload.get("format") == EMA_FORMAT or "state_dict" in payload \
+            else "not a difflab autoencoder"
+        raise CheckpointError(f"first_stage.ckpt={path} is {kind}: a first stage is the autoencoder.pt written by "
+                              "difflab-train experiment=mnist5k_autoencoder (in <run>/checkpoints/).")
+    try:
+        autoencoder = AutoencoderKL(**payload["config"])
+        autoencoder.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"first_stage.ckpt={path}: its weights do not fit the autoencoder its own config "
+                              f"describes ({str(error).splitlines()[0]}). The file may be damaged.") from error
+    return autoencoder, dict(payload.get("data") or {})
 
 
 def _differences(saved: Any, current: Any, prefix: str) -> list[str]:

@@ -8,8 +8,8 @@ trained, never saved and never averaged by the EMA.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 import random
 from typing import Any, Optional
 
@@ -22,6 +22,7 @@ from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.guidance import ClassifierFreeGuidance, drop_labels
 from difflab.diffusion.losses import diffusion_loss
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.training.lr import lr_factor
 
 
 class DiffusionModule(pl.LightningModule):
@@ -42,6 +43,9 @@ class DiffusionModule(pl.LightningModule):
             given (None: no guidance, i.e. the plain conditional prediction).
         task: a restoration task (``difflab.training.tasks``) that builds the condition dict of
             each batch from its clean images (SR3, Palette); the network needs a conditioner.
+        first_stage: a frozen ``LatentSpace`` (latent diffusion): batches are encoded (or read
+            from the latent cache) before the loss, and samples are decoded. None: pixel space.
+        latents_cached: the loaders serve the first stage's cached moments, not images.
         run_config: the resolved run configuration, stored in checkpoints so that the
             network, schedule and sampler can be rebuilt from the checkpoint alone.
     """
@@ -52,11 +56,13 @@ class DiffusionModule(pl.LightningModule):
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  lr_schedule: str = "constant", min_lr_ratio: float = 0.1, channels_last: bool = True,
                  compile: bool = False, p_uncond: float = 0.1, guidance_scale: Optional[float] = None,
-                 task: Any = None, run_config: Optional[dict] = None) -> None:
+                 task: Any = None, first_stage: Optional[nn.Module] = None, latents_cached: bool = False,
+                 run_config: Optional[dict] = None) -> None:
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond={p_uncond} must be in [0, 1).")
-        self.save_hyperparameters(ignore=["net", "schedule", "sampler", "task"])
+        self.save_hyperparameters(ignore=["net", "schedule", "sampler", "task", "first_stage"])
+        self.first_stage = first_stage
         if task is not None and getattr(net, "conditioner", None) is None:
             raise ValueError(f"task {task!r} builds conditions, but the network has no conditioner to read them: "
                              "set model.conditioner (see experiment=mnist5k_sr3 / mnist5k_palette)")
@@ -74,6 +80,12 @@ class DiffusionModule(pl.LightningModule):
     def _batch(self, batch: Any, train: bool = False, generator: Optional[torch.Generator] = None
                ) -> tuple[torch.Tensor, Any]:
         images, labels = batch
+        if self.first_stage is not None:  # latent diffusion: the model's "images" are latents
+            if self.hparams.latents_cached:  # cached moments: a fresh posterior sample per step
+                images = self.first_stage.sample(images, generator) if train else images.chunk(2, dim=1)[0]
+            else:
+                images = self.first_stage.encode(images, generator) if train else \
+                    self.first_stage.moments(images).chunk(2, dim=1)[0]
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.task is not None:  # conditions from the clean images (dropout is the conditioner's)
@@ -128,16 +140,9 @@ class DiffusionModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                       weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-
-        def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if hp.lr_schedule == "constant":
-                return 1.0
-            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+            lr_factor, total=total, warmup_steps=hp.warmup_steps, lr_schedule=hp.lr_schedule,
+            min_lr_ratio=hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- sampling ---------------------------------------------------------------------
@@ -146,7 +151,9 @@ class DiffusionModule(pl.LightningModule):
         net = self.net
         if guidance_scale is not None:
             net = ClassifierFreeGuidance(self.net, getattr(self.net, "num_classes", None), guidance_scale)
-        return Denoiser(net, self.schedule, self.hparams.prediction)
+        # Latents have no bounded range: a sampler's clip_denoised does nothing there.
+        return Denoiser(net, self.schedule, self.hparams.prediction,
+                        clip_range=None if self.first_stage is not None else 1.0)
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, generator: Optional[torch.Generator] = None,
@@ -155,21 +162,29 @@ class DiffusionModule(pl.LightningModule):
         """Draw `num_samples` images in [-1, 1] with this module's weights (pass the EMA copy).
 
         For a conditional network, `cond` holds one label per image (None: unconditional);
-        the module's guidance scale applies when labels are given.
+        the module's guidance scale applies when labels are given. A latent model samples
+        latents of `image_shape` (the network's input) and decodes them; its trajectory, if
+        asked for, stays in latent space.
         """
         shape = (num_samples, *(image_shape or self.image_shape))
         scale = self.hparams.guidance_scale if cond is not None else None
         was_training = self.net.training
         self.net.eval()
         try:
-            return (sampler or self.sampler).sample(self.denoiser(scale), self.schedule, shape, cond=cond,
-                                                    generator=generator, return_trajectory=return_trajectory,
-                                                    progress=progress)
+            result = (sampler or self.sampler).sample(self.denoiser(scale), self.schedule, shape, cond=cond,
+                                                      generator=generator, return_trajectory=return_trajectory,
+                                                      progress=progress)
+            if self.first_stage is None:
+                return result
+            if return_trajectory:
+                return self.first_stage.decode(result[0]), result[1]
+            return self.first_stage.decode(result)
         finally:
             self.net.train(was_training)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """The network's input shape (C, H, W): the latent shape for a latent model."""
         model_cfg = (self.hparams.run_config or {}).get("model", {})
         size = model_cfg.get("image_size") or getattr(self.net, "image_size", None)
         channels = model_cfg.get("in_channels") or getattr(self.net, "in_channels", None)

@@ -57,8 +57,8 @@ class DDIMSampler(Sampler):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         eps, x0 = denoiser.predict(x, t, cond)
-        if self.clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+        if self.clip_denoised and denoiser.clips:
+            x0 = denoiser.clip(x0)
             eps = (x - math.sqrt(alpha_bar_t) * x0) / math.sqrt(1.0 - alpha_bar_t)
         # DDIM eq. 16; zero on the last step, where alpha_bar_prev = 1.
         sigma = self.eta * math.sqrt(
