@@ -89,6 +89,7 @@ class UNetConfig:
     time_embed_mult: int = 4
     gradient_checkpointing: bool = False
     conditioner: Any = None  # a difflab.models.conditioning.Conditioner node (SR3, Palette), or null
+    cross_attention_levels: list[int] = field(default_factory=list)  # levels attending to condition tokens
 
     def validate(self, key: str) -> None:
         _check(self.base_channels >= 1, f"{key}.base_channels", self.base_channels, "an integer >= 1")
@@ -96,8 +97,9 @@ class UNetConfig:
                f"{key}.channel_mults", self.channel_mults, "a non-empty list of integers >= 1")
         _check(self.num_res_blocks >= 1, f"{key}.num_res_blocks", self.num_res_blocks, "an integer >= 1")
         levels = range(len(self.channel_mults))
-        _check(all(lv in levels for lv in self.attention_levels), f"{key}.attention_levels",
-               self.attention_levels, f"level indices in 0..{len(self.channel_mults) - 1}")
+        for name in ("attention_levels", "cross_attention_levels"):
+            _check(all(lv in levels for lv in getattr(self, name)), f"{key}.{name}", getattr(self, name),
+                   f"level indices in 0..{len(self.channel_mults) - 1}")
         _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", self.dropout, "a number in [0, 1)")
 
 

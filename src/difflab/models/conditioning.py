@@ -8,8 +8,9 @@ condition-dropout rate ``p_drop`` and ``trainable`` flag, and returns parts rout
   image for super-resolution, mask + masked image for inpainting);
 - ``vector``: [B, D], projected and added to the time embedding (a class, a pooled text
   vector, the noise level of an augmented condition);
-- ``tokens``: [B, L, D] with a key-padding mask, for cross-attention (text; the U-Net does
-  not attend yet and refuses them).
+- ``tokens``: [B, L, D] with a key-padding mask ``token_mask`` [B, L] (True on real tokens),
+  attended to by the U-Net's cross-attention (text; class tokens). Token embedders must share
+  D; their sequences are concatenated.
 
 The ``Conditioner`` concatenates the parts of each kind in embedder order. Dropped
 conditions (training only, per sample, probability ``p_drop``) become zeros, the
@@ -103,6 +104,25 @@ class ClassEmbedder(Embedder):
         return {"vector": self.table(value)}
 
 
+class ClassTokens(Embedder):
+    """Class labels [B] as a one-token sequence of ``dim`` dims, for cross-attention: the
+    check that attending to a class token conditions as well as adding a class vector."""
+
+    def __init__(self, num_classes: int, dim: int = 64, input_key: str = "label", p_drop: float = 0.1) -> None:
+        super().__init__(input_key, p_drop, trainable=True)
+        self.num_classes, self.dim = num_classes, dim
+        self.table = nn.Embedding(num_classes, dim)
+
+    def sizes(self) -> dict[str, int]:
+        return {"tokens": self.dim}
+
+    def embed(self, value: Tensor) -> dict[str, Tensor]:
+        if value.ndim != 1 or value.dtype != torch.long:
+            raise ConditionError(f"condition {self.input_key!r} must be class labels [B] (long), got "
+                                 f"{value.dtype} of shape {tuple(value.shape)}")
+        return {"tokens": self.table(value)[:, None, :]}
+
+
 class Conditioner(nn.Module):
     """Runs every embedder on its input and routes the parts by kind (see the module)."""
 
@@ -122,9 +142,13 @@ class Conditioner(nn.Module):
     def sizes(self) -> dict[str, int]:
         """Total channels / dims per kind: what the network must accept."""
         total = {kind: 0 for kind in KINDS}
+        token_dims = {e.sizes()["tokens"] for e in self.embedders if e.sizes().get("tokens")}
+        if len(token_dims) > 1:
+            raise ValueError(f"token embedders must share one width to be concatenated, got {sorted(token_dims)}")
         for embedder in self.embedders:
             for kind, size in embedder.sizes().items():
-                total[kind] += size
+                total[kind] += size if kind != "tokens" else 0
+        total["tokens"] = token_dims.pop() if token_dims else 0
         return total
 
     def forward(self, inputs: dict[str, Any], like: Tensor, drop_all: bool = False,
@@ -134,13 +158,17 @@ class Conditioner(nn.Module):
         if drop_all:  # every condition dropped: zeros, without reading (or needing) the inputs
             sizes = self.sizes()
             zeros = {"concat": like.new_zeros(batch, sizes["concat"], *like.shape[2:]),
-                     "vector": like.new_zeros(batch, sizes["vector"])}
-            return {kind: zeros[kind] for kind in ("concat", "vector") if sizes[kind]}
+                     "vector": like.new_zeros(batch, sizes["vector"]),
+                     "tokens": like.new_zeros(batch, 1, sizes["tokens"])}
+            parts = {kind: zeros[kind] for kind in KINDS if sizes[kind]}
+            if sizes["tokens"]:  # one zero token: the same attention output as any all-zero sequence
+                parts["token_mask"] = torch.ones(batch, 1, dtype=torch.bool, device=like.device)
+            return parts
         missing = [key for key in self.input_keys if key not in inputs]
         if missing:
             raise ConditionError(f"the condition dict lacks {missing}; this model is conditioned on "
                                  f"{self.input_keys} (got {sorted(inputs)}).")
-        parts: dict[str, list[Tensor]] = {kind: [] for kind in KINDS}
+        parts: dict[str, list[Tensor]] = {kind: [] for kind in (*KINDS, "token_mask")}
         for embedder in self.embedders:
             value = inputs[embedder.input_key]
             if value.shape[0] != batch:
@@ -151,11 +179,13 @@ class Conditioner(nn.Module):
                                      f"are {tuple(like.shape[2:])}: concatenated conditions must match them")
             out = embedder.embed(value.to(like.device))
             keep = self._keep_mask(embedder, batch, value.device, generator)
+            if "tokens" in out and "token_mask" not in out:  # every token is real
+                out["token_mask"] = torch.ones(out["tokens"].shape[:2], dtype=torch.bool, device=like.device)
             for kind, tensor in out.items():
-                if keep is not None:
+                if keep is not None and kind != "token_mask":  # a dropped sequence is zeros, its mask kept
                     tensor = tensor * keep.view(-1, *([1] * (tensor.ndim - 1))).to(tensor.dtype)
                 parts[kind].append(tensor)
-        dims = {"concat": 1, "vector": 1, "tokens": 2}
+        dims = {"concat": 1, "vector": 1, "tokens": 1, "token_mask": 1}
         return {kind: torch.cat(tensors, dim=dims[kind]) for kind, tensors in parts.items() if tensors}
 
     def _keep_mask(self, embedder: Embedder, batch: int, device: torch.device,
@@ -175,5 +205,5 @@ def vector_projection(vector_dim: int, embed_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(vector_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
 
 
-__all__ = ["KINDS", "ClassEmbedder", "ConditionError", "Conditioner", "Embedder", "ImageConcat",
+__all__ = ["KINDS", "ClassEmbedder", "ClassTokens", "ConditionError", "Conditioner", "Embedder", "ImageConcat",
            "condition_batch", "vector_projection"]

@@ -140,6 +140,50 @@ class SelfAttention(nn.Module):
         return x + out
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from the H*W positions (queries) to a sequence of condition
+    tokens (keys and values), with a residual connection: the text conditioning of latent
+    diffusion (Rombach et al. 2022, sec. 3.3), with SDPA.
+
+    ``context`` is [B, L, context_dim]; ``mask`` [B, L] is True on real tokens and False on
+    padding (a key-padding mask: variable-length sequences in one batch). A row with no real
+    token attends to all of its positions rather than producing NaN. Like ``SelfAttention``,
+    it attends in float32 when training on CPU, and keeps the input's memory format.
+    """
+
+    def __init__(self, channels: int, context_dim: int, head_dim: int, num_groups: int) -> None:
+        super().__init__()
+        self.num_heads = max(1, channels // head_dim)
+        if channels % self.num_heads:
+            raise ValueError(f"cross-attention over {channels} channels cannot be split into heads of {head_dim} "
+                             f"channels; choose attention_head_dim dividing {channels}")
+        self.norm = GroupNormFP32(num_groups, channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_kv = nn.Linear(context_dim, 2 * channels)
+        self.to_out = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        batch, channels, height, width = x.shape
+        if context.ndim != 3 or context.shape[0] != batch:
+            raise ValueError(f"context must be tokens [{batch}, L, D], got {tuple(context.shape)}")
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        q = self.to_q(tokens).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, heads, HW, d]
+        k, v = self.to_kv(context.to(tokens.dtype)).unflatten(-1, (2, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        attn_mask = None
+        if mask is not None:
+            mask = mask.to(torch.bool)
+            mask = mask | ~mask.any(dim=1, keepdim=True)  # nothing to attend to: attend to everything
+            attn_mask = mask[:, None, None, :]  # [B, 1, 1, L], broadcast over heads and queries
+        if q.device.type == "cpu" and torch.is_grad_enabled():  # see SelfAttention
+            with torch.autocast("cpu", enabled=False):
+                attended = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        attended = attended.transpose(1, 2).reshape(batch, height * width, channels)
+        out = self.to_out(attended.to(tokens.dtype)).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        return x + out
+
+
 class Downsample(nn.Module):
     """Halve H and W with a stride-2 3x3 convolution (learned, unlike pooling)."""
 

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from difflab.models.conditioning import Conditioner, vector_projection
 from difflab.models.layers import (
+    CrossAttention,
     Downsample,
     GroupNormFP32,
     ResBlock,
@@ -32,7 +33,8 @@ from difflab.models.layers import (
 
 
 class ResAttentionBlock(nn.Module):
-    """One residual block, optionally followed by self-attention at the same width."""
+    """One residual block, optionally followed by self-attention and by cross-attention to
+    condition tokens (``context_dim`` > 0) at the same width."""
 
     def __init__(
         self,
@@ -43,15 +45,19 @@ class ResAttentionBlock(nn.Module):
         num_groups: int,
         attention: bool,
         head_dim: int,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         self.res = ResBlock(in_channels, out_channels, embed_dim, dropout, num_groups)
         self.attention = (
             SelfAttention(out_channels, head_dim, num_groups) if attention else nn.Identity()
         )
+        self.cross = CrossAttention(out_channels, context_dim, head_dim, num_groups) if context_dim else None
 
-    def forward(self, x: Tensor, embed_act: Tensor) -> Tensor:
-        return self.attention(self.res(x, embed_act))
+    def forward(self, x: Tensor, embed_act: Tensor, context: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        h = self.attention(self.res(x, embed_act))
+        return h if self.cross is None else self.cross(h, context, mask)
 
 
 class UNet(nn.Module):
@@ -76,8 +82,12 @@ class UNet(nn.Module):
         gradient_checkpointing: in training, keep only each block's input and recompute the
             block in the backward pass: less activation memory for one more forward of compute.
         conditioner: a ``models.conditioning.Conditioner``; ``cond`` is then a dict of its
-            inputs, its ``concat`` part widens the first convolution and its ``vector`` part is
-            added to the time embedding. ``cond=None`` drops every condition (zeros).
+            inputs, its ``concat`` part widens the first convolution, its ``vector`` part is
+            added to the time embedding and its ``tokens`` are attended to by cross-attention.
+            ``cond=None`` drops every condition (zeros).
+        cross_attention_levels: levels whose blocks attend to the conditioner's tokens (the
+            middle attends too when the deepest level is among them); needed, and only
+            allowed, with a conditioner that makes tokens.
 
     ``t`` may be integer or fractional timesteps [B], or a scalar used for the whole batch.
     For speed on CPU, call ``to_channels_last(model)`` and run under bf16 autocast.
@@ -100,11 +110,16 @@ class UNet(nn.Module):
         time_embed_mult: int = 4,
         gradient_checkpointing: bool = False,
         conditioner: Conditioner | None = None,
+        cross_attention_levels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         channel_mults = tuple(channel_mults)
         attention_levels = tuple(attention_levels)
+        cross_levels = tuple(cross_attention_levels)
         _check_config(base_channels, channel_mults, attention_levels, num_groups, num_res_blocks)
+        outside = [lvl for lvl in cross_levels if not 0 <= lvl < len(channel_mults)]
+        if outside:
+            raise ValueError(f"cross_attention_levels {outside} are not level indices 0..{len(channel_mults) - 1}")
         self.in_channels = in_channels
         self.gradient_checkpointing = gradient_checkpointing
         self.out_channels = in_channels if out_channels is None else out_channels
@@ -124,14 +139,20 @@ class UNet(nn.Module):
         )
         self.conditioner = conditioner
         sizes = conditioner.sizes() if conditioner is not None else {"concat": 0, "vector": 0, "tokens": 0}
-        if sizes["tokens"]:
-            raise ValueError("token conditions need cross-attention, which this U-Net does not have yet")
+        context_dim = sizes["tokens"]
+        if context_dim and not cross_levels:
+            raise ValueError("the conditioner makes tokens, which only cross-attention reads: set "
+                             "cross_attention_levels (e.g. [1, 2])")
+        if cross_levels and not context_dim:
+            raise ValueError(f"cross_attention_levels={list(cross_levels)} needs a conditioner that makes tokens "
+                             "(a text encoder or ClassTokens)")
         self.concat_channels = sizes["concat"]
         self.vector_embed = vector_projection(sizes["vector"], embed_dim) if sizes["vector"] else None
 
-        def block(cin: int, cout: int, attention: bool) -> ResAttentionBlock:
+        def block(cin: int, cout: int, attention: bool, cross: bool = False) -> ResAttentionBlock:
             return ResAttentionBlock(
-                cin, cout, embed_dim, dropout, num_groups, attention, attention_head_dim
+                cin, cout, embed_dim, dropout, num_groups, attention, attention_head_dim,
+                context_dim if cross else 0,
             )
 
         widths = [base_channels * m for m in channel_mults]
@@ -143,7 +164,7 @@ class UNet(nn.Module):
         for level, width in enumerate(widths):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks):
-                blocks.append(block(current, width, level in attention_levels))
+                blocks.append(block(current, width, level in attention_levels, level in cross_levels))
                 current = width
                 skip_widths.append(current)
             self.down_blocks.append(blocks)
@@ -151,8 +172,9 @@ class UNet(nn.Module):
                 self.downsamples.append(Downsample(current))
                 skip_widths.append(current)
 
+        mid_cross = len(widths) - 1 in cross_levels
         self.mid = nn.ModuleList(
-            [block(current, current, mid_attention), block(current, current, False)]
+            [block(current, current, mid_attention, mid_cross), block(current, current, False)]
         )
 
         self.up_blocks = nn.ModuleList()
@@ -161,7 +183,8 @@ class UNet(nn.Module):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
                 skip_width = skip_widths.pop()
-                blocks.append(block(current + skip_width, widths[level], level in attention_levels))
+                blocks.append(block(current + skip_width, widths[level], level in attention_levels,
+                                    level in cross_levels))
                 current = widths[level]
             self.up_blocks.append(blocks)
             if level > 0:
@@ -185,34 +208,34 @@ class UNet(nn.Module):
         if self.vector_embed is not None:
             embed = embed + self.vector_embed(parts["vector"].to(embed.dtype))
         embed_act = F.silu(embed)  # every block starts with SiLU: do it once
+        context, mask = parts.get("tokens"), parts.get("token_mask")
 
-        run = self._run_block
+        def run(block: nn.Module, h: Tensor) -> Tensor:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant checkpointing: keeps autocast and RNG state, and traces under compile.
+                return checkpoint(block, h, embed_act, context, mask, use_reentrant=False)
+            return block(h, embed_act, context, mask)
+
         h = self.conv_in(torch.cat([x, parts["concat"].to(x.dtype)], dim=1) if self.concat_channels else x)
         skips = [h]
         for level, blocks in enumerate(self.down_blocks):
             for blk in blocks:
-                h = run(blk, h, embed_act)
+                h = run(blk, h)
                 skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)
                 skips.append(h)
 
         for blk in self.mid:
-            h = run(blk, h, embed_act)
+            h = run(blk, h)
 
         for i, blocks in enumerate(self.up_blocks):
             for blk in blocks:
-                h = run(blk, torch.cat([h, skips.pop()], dim=1), embed_act)
+                h = run(blk, torch.cat([h, skips.pop()], dim=1))
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
 
         return self.conv_out(F.silu(self.norm_out(h)))
-
-    def _run_block(self, block: nn.Module, h: Tensor, embed_act: Tensor) -> Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # Non-reentrant checkpointing: keeps autocast and RNG state, and traces under compile.
-            return checkpoint(block, h, embed_act, use_reentrant=False)
-        return block(h, embed_act)
 
     def _embed(self, x: Tensor, t: Tensor | float, cond: Tensor | None) -> Tensor:
         batch = x.shape[0]
