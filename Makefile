@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.difflab-installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all bench ablate clean-outputs
+.PHONY: help install train test test-slow test-all bench ablate latent-table clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ ablate: $(STAMP)  ## train + evaluate each schedule and objective with one budge
 
 bench: $(STAMP)  ## img/s, GFLOP/img and share of the matmul peak for difflab's U-Net and the two peers; gradient checkpointing
 	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+latent-table: $(STAMP)  ## pixel vs autoencoder + latent diffusion at the default run's wall time and half of it (~20 min)
+	$(BIN)/python benchmarks/latent_vs_pixel.py $(ARGS)
 
 clean-outputs:  ## delete every run under outputs/ (keeps outputs/README.md)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from difflab.cli import _hydra, evaluate_restore, schema
+from difflab.cli import _hydra, evaluate_restore, prompts, schema
 from difflab.cli.sample import build_denoiser, clip_range, load_model, pick_device
 from difflab.data import DatasetUnavailableError
 from difflab.diffusion.denoiser import CallCounter, Denoiser
@@ -66,12 +66,15 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if is_latent(run_config) and cfg.task != "sample":
         raise schema.ConfigError(f"task={cfg.task} scores restoration in pixel space; {cfg.ckpt} is a latent model "
                                  "(first_stage=kl): use task=sample.")
-    if run_config.get("task") is not None and cfg.task == "sample":
+    text = prompts.text_task(run_config)
+    if run_config.get("task") is not None and text is None and cfg.task == "sample":
         raise schema.ConfigError(f"{cfg.ckpt} is a trained restoration model: it needs its condition. Score it with "
                                  "task=superres methods=[sr3] or task=inpaint methods=[palette].")
     base, schedule = build_denoiser(run_config, weights, device, precision=cfg.precision,
                                     cache_dir=cfg.paths.cache_dir, batch=min(cfg.batch_size, cfg.n))
     net, num_classes = base.net, run_config["model"].get("num_classes")
+    if text is not None:  # labels become captions from the `prompt_templates` templates
+        num_classes = text.num_classes
     model = run_config["model"]
     shape = (model["in_channels"], model["image_size"], model["image_size"])
     cells = grid_cells(cfg, num_classes is not None and cfg.task == "sample")
@@ -107,16 +110,20 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         overall = progress.add_task("grid cells", total=len(cells))
         for cell in cells:
             scale = cell["guidance_scale"]
-            guided = net if scale is None else ClassifierFreeGuidance(net, num_classes, scale)
+            guided = net if scale is None else ClassifierFreeGuidance(net, num_classes, scale,
+                                                                       dict_conditions=text is not None)
             denoiser = Denoiser(guided, schedule, run_config["objective"]["prediction"], clip_range(run_config))
             sampler = samplers[(cell["sampler"], cell["steps"])]
             label = f"{cell['sampler']} {cell['steps']} steps" + ("" if scale is None else f" w={scale:g}")
             images_task = progress.add_task(label, total=cfg.n)
 
             def draw(size: int, cond: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-                return decode(sampler.sample(denoiser, schedule, (size, *shape), generator=generator,
-                                             cond=None if cond is None else cond.to(device)))
+                if cond is not None:
+                    cond = cond.to(device) if text is None else text.conditions_for(cond.to(device),
+                                                                                    cfg.prompt_templates, captions)
+                return decode(sampler.sample(denoiser, schedule, (size, *shape), generator=generator, cond=cond))
 
+            captions = torch.Generator().manual_seed(cfg.seed)  # text models: which template each image gets
             counter.calls, start = 0, time.perf_counter()
             generated = evaluator.generate(draw, cfg.n, batch_size=cfg.batch_size, labels=labels,
                                            generator=torch.Generator(device).manual_seed(cfg.seed),

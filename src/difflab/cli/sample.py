@@ -20,9 +20,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import track
 
-from difflab.cli import _hydra, sample_modes, sample_restore, schema
+from difflab.cli import _hydra, prompts, sample_modes, sample_restore, schema
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.guidance import ClassifierFreeGuidance
+from difflab.models.conditioning import condition_batch
 from difflab.training.callbacks import save_grid
 from difflab.training.checkpoint import CheckpointError, read_checkpoint
 from difflab.training.first_stage import is_latent, latent_space_from_checkpoint
@@ -59,7 +60,8 @@ def build_denoiser(run_config: dict, weights: dict, device: torch.device, guidan
     for warning in decision.warnings:
         log.warning("%s", warning)
     net = AutocastNetwork.wrap(net, decision)
-    guided = net if guidance_scale is None else ClassifierFreeGuidance(net, net.num_classes, guidance_scale)
+    guided = net if guidance_scale is None else ClassifierFreeGuidance(
+        net, model.get("num_classes"), guidance_scale, dict_conditions=bool(run_config.get("task")))
     return Denoiser(guided, schedule, run_config["objective"]["prediction"], clip_range=clip_range(run_config)), \
         schedule
 
@@ -111,21 +113,27 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     if is_latent(run_config) and cfg.mode not in ("sample", "interpolate"):
         raise schema.ConfigError(f"mode={cfg.mode} works on pixel-space models; {cfg.ckpt} is a latent model "
                                  "(first_stage=kl): use mode=sample or mode=interpolate.")
-    labels = class_labels(cfg, model.get("num_classes"), nrow)
+    text = prompts.text_task(run_config)
+    labels, texts, n, nrow = prompts.prompt_conditions(cfg, text, cfg.ckpt, nrow)
+    if text is None:
+        labels = class_labels(cfg, model.get("num_classes"), nrow)
     scale = cfg.guidance.scale if cfg.guidance.scale is not None else run_config.get("guidance", {}).get("scale")
-    if scale is not None and model.get("num_classes") is None:
+    if scale is not None and model.get("num_classes") is None and text is None:
         if cfg.guidance.scale is not None:
             raise schema.ConfigError(f"guidance.scale={scale} needs a class-conditional model; "
                                      f"{cfg.ckpt} is unconditional. Drop guidance.scale.")
         scale = None
     denoiser, schedule = build_denoiser(run_config, weights, device, scale if labels is not None else None,
                                         precision=cfg.precision, cache_dir=cfg.paths.cache_dir,
-                                        batch=min(cfg.batch_size, cfg.n))
+                                        batch=min(cfg.batch_size, n))
     sampler = instantiate(cfg.sampler if cfg.sampler is not None else run_config["sampler"])
     shape = (model["in_channels"], model["image_size"], model["image_size"])
     generator = torch.Generator(device).manual_seed(cfg.seed)
     out = Path(cfg.paths.output_dir)
-    if run_config.get("task") is not None and cfg.mode not in ("inpaint", "superres"):
+    if text is not None and cfg.mode != "sample":
+        raise schema.ConfigError(f"mode={cfg.mode} is not available for a text-to-image model yet; use mode=sample "
+                                 "with prompt= or prompts=[...].")
+    if run_config.get("task") is not None and text is None and cfg.mode not in ("inpaint", "superres"):
         kind = run_config["task"]["_target_"].rsplit(".", 1)[-1]
         raise schema.ConfigError(f"{cfg.ckpt} is a {kind} model: it needs its condition, so mode={cfg.mode} does "
                                  "not apply. Use mode=superres method=sr3 or mode=inpaint method=palette.")
@@ -134,10 +142,12 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     if cfg.mode != "sample":
         return run_mode(cfg, denoiser, schedule, sampler, run_config, shape, generator, labels, out, decode)
     chunks, trajectory = [], []
-    batches = range(0, cfg.n, cfg.batch_size)
+    batches = range(0, n, cfg.batch_size)
     for start in track(batches, description="sampling", disable=not cfg.progress or len(batches) < 2):
-        size = min(cfg.batch_size, cfg.n - start)
-        cond = None if labels is None else labels[start:start + size].to(device)
+        size = min(cfg.batch_size, n - start)
+        cond = None if labels is None else condition_batch(labels, start, start + size) if text else \
+            labels[start:start + size].to(device)
+        cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond
         with torch.no_grad():
             result = sampler.sample(denoiser, schedule, (size, *shape), cond=cond, generator=generator,
                                     progress=cfg.progress and len(batches) == 1,
@@ -150,7 +160,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     grid_path, npz_path = out / "samples.png", out / "samples.npz"
     save_grid(images, grid_path, nrow=nrow)
     uint8 = sample_modes.to_uint8(images)
-    extra = {} if labels is None else {"labels": labels.numpy()}
+    extra = {"prompts": np.array(texts)} if texts else {} if labels is None else {"labels": labels.numpy()}
     np.savez_compressed(npz_path, images=uint8, **extra)
     written = {"grid": grid_path, "npz": npz_path}
     if trajectory:

@@ -361,6 +361,8 @@ class SampleConfig(RestorationKnobs):
     progress: bool = True
     task_name: str = "sample"
     class_label: Optional[int] = None
+    prompt: Optional[str] = None
+    prompts: list[str] = field(default_factory=list)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     mode: str = "sample"
     precision: str = "auto"
@@ -382,6 +384,10 @@ class SampleConfig(RestorationKnobs):
         precision.check_precision(self.precision, "precision")
         _check(self.samples_per_input >= 1, "samples_per_input", self.samples_per_input, "an integer >= 1")
         self.validate_restoration()
+        if self.prompt is not None and self.prompts:
+            raise ConfigError("set prompt= (every image) or prompts=[...] (one row each), not both")
+        if (self.prompt is not None or self.prompts) and self.class_label is not None:
+            raise ConfigError("class_label and prompt(s) both choose what to draw: set one of them")
 
 
 @dataclass
@@ -420,6 +426,7 @@ class EvalConfig(RestorationKnobs):
     sampler_args: dict[str, Any] = field(default_factory=dict)
     steps: list[int] = field(default_factory=lambda: [10, 25, 50])
     guidance_scales: list[float] = field(default_factory=lambda: [0.0, 1.0, 3.0])
+    prompt_templates: str = "train"
     grid_images: int = 64
     real_baseline: bool = True
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -446,6 +453,8 @@ class EvalConfig(RestorationKnobs):
                "a non-empty list of integers >= 1")
         _check(all(g >= 0 for g in self.guidance_scales), "guidance_scales", self.guidance_scales,
                "a list of numbers >= 0")
+        _check(self.prompt_templates in ("train", "held_out"), "prompt_templates", self.prompt_templates,
+               "train or held_out")
         _check(self.grid_images >= 0, "grid_images", self.grid_images, "an integer >= 0")
         self.metrics.validate("metrics")
 
@@ -544,7 +553,7 @@ def validate(cfg: DictConfig) -> None:
         precision.check_layout(cfg.channels_last)
     except precision.PrecisionError as error:
         raise ConfigError(str(error)) from None
-    if cfg.guidance.scale is not None and cfg.model.get("num_classes") is None:
+    if cfg.guidance.scale is not None and cfg.model.get("num_classes") is None and not cfg.model.get("conditioner"):
         raise ConfigError("guidance.scale is set but the model is unconditional: set model.num_classes "
                           "(and train with p_uncond > 0), or use guidance=none.")
     sampler = obj(cfg.sampler)

@@ -120,8 +120,10 @@ def first_stage(cfg: DictConfig, datamodule: Any) -> Optional[LatentSpace]:
     spec = schema.build_checked("first_stage", cfg.first_stage)
     if spec["kind"] == "identity":
         return None
-    if cfg.get("task") is not None:
-        raise schema.ConfigError("task= (trained restoration) works in pixel space: use first_stage=identity with it.")
+    task_kind = str((cfg.get("task") or {}).get("_target_", "")).rsplit(".", 1)[-1]
+    if task_kind in ("SuperResolution", "Inpainting"):
+        raise schema.ConfigError(f"task={task_kind} (trained restoration) works in pixel space: use "
+                                 "first_stage=identity with it.")
     space = build_latent_space(spec, datamodule)
     OmegaConf.update(cfg, "first_stage.scale_factor", float(space.scale_factor))
     OmegaConf.update(cfg, "first_stage.autoencoder", space.autoencoder.config(), merge=False)
@@ -137,6 +139,8 @@ def first_stage(cfg: DictConfig, datamodule: Any) -> Optional[LatentSpace]:
 def _diffusion_module(cfg: DictConfig, datamodule: Any, space: Optional[LatentSpace] = None
                       ) -> tuple[DiffusionModule, precision.Decision]:
     net = instantiate(cfg.model, _convert_="all")
+    if cfg.get("task") is not None and "class_names" in cfg.task and not cfg.task.class_names:
+        OmegaConf.update(cfg, "task.class_names", list(datamodule.class_names))  # a text task's vocabulary
     task = instantiate(cfg.task) if cfg.get("task") is not None else None
     decision = resolve_precision(cfg, net, datamodule, task)
     module = DiffusionModule(

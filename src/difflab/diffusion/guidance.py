@@ -33,12 +33,15 @@ def drop_labels(labels: torch.Tensor, num_classes: int, p_uncond: float,
 class ClassifierFreeGuidance:
     """`net(x, t, cond)` of a conditional network, guided with `scale`.
 
-    One network call on a doubled batch (conditional and null labels) per evaluation.
-    With `cond=None` the wrapper returns the unconditional prediction (nothing to guide).
+    Class labels: one network call on a doubled batch (conditional and null labels) per
+    evaluation. A condition dict (a network with a conditioner, e.g. text; `dict_conditions`):
+    two calls, with the dict and with None, which drops every condition as condition
+    dropout did in training. With `cond=None` the wrapper returns the unconditional
+    prediction (nothing to guide).
     """
 
-    def __init__(self, net: Network, num_classes: int, scale: float) -> None:
-        if num_classes is None or num_classes < 1:
+    def __init__(self, net: Network, num_classes: int | None, scale: float, dict_conditions: bool = False) -> None:
+        if not dict_conditions and (num_classes is None or num_classes < 1):
             raise ValueError(
                 "classifier-free guidance needs a class-conditional network (model.num_classes=N, "
                 "trained with condition dropout); this network is unconditional. Use guidance=none.")
@@ -46,9 +49,16 @@ class ClassifierFreeGuidance:
             raise ValueError(f"guidance scale={scale} must be >= 0 (0: unconditional, 1: conditional).")
         self.net, self.num_classes, self.scale = net, num_classes, float(scale)
 
-    def __call__(self, x: torch.Tensor, t: Any, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: Any, cond: torch.Tensor | dict | None = None) -> torch.Tensor:
         if cond is None or self.scale == 1.0:
             return self.net(x, t, cond)
+        if isinstance(cond, dict):
+            unconditional = self.net(x, t, None)
+            if self.scale == 0.0:
+                return unconditional
+            return unconditional + self.scale * (self.net(x, t, cond) - unconditional)
+        if self.num_classes is None:
+            raise ValueError("class labels were passed to a network guided on condition dicts")
         if torch.is_tensor(cond) and cond.shape[0] != x.shape[0]:
             raise ValueError(f"cond has {cond.shape[0]} labels for a batch of {x.shape[0]} images.")
         null = null_labels(self.num_classes, x.shape[0], x.device)

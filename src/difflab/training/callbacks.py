@@ -88,7 +88,7 @@ class SampleGrid(EveryNEpochs):
 
     def labels(self, module: pl.LightningModule) -> Optional[torch.Tensor]:
         """For a class-conditional network, one class per grid row (0, 1, ..., wrapping)."""
-        num_classes = getattr(module.net, "num_classes", None)
+        num_classes = getattr(module, "label_classes", None)
         if num_classes is None:
             return None
         return (torch.arange(self.num_samples, device=module.device) // self.nrow) % num_classes
@@ -109,7 +109,7 @@ class SampleGrid(EveryNEpochs):
         module = ema_module(trainer, pl_module)
         generator = torch.Generator(module.device).manual_seed(self.seed)
         path = self.dirpath / f"{tag}.png"
-        if getattr(module, "task", None) is not None:
+        if getattr(getattr(module, "task", None), "kind", None) in ("superres", "inpaint"):
             grid = self.restoration_grid(trainer, module, generator, path)
         else:
             images = module.sample(self.num_samples, generator=generator, cond=self.labels(module))

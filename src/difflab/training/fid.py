@@ -76,7 +76,7 @@ class FID(EveryNEpochs):
             self.evaluator = self._build(trainer, pl_module)
         module = ema_module(trainer, pl_module)
         indices = self.shard(trainer.world_size, trainer.global_rank)
-        num_classes = getattr(module.net, "num_classes", None)
+        num_classes = getattr(module, "label_classes", None)  # class labels, or captions of them (text)
         labels = None if num_classes is None else balanced_labels(len(indices), num_classes, indices.start)
         generator = torch.Generator(module.device).manual_seed(self.seed + 1_000_003 * trainer.global_rank)
 
@@ -109,6 +109,8 @@ class FID(EveryNEpochs):
             if trainer.is_global_zero:
                 shape = (min(self.batch_size, self.num_samples), *module.image_shape)
                 cond = None if labels is None else labels[: shape[0]]
+                if cond is not None and hasattr(getattr(module, "task", None), "conditions_for"):
+                    cond = module.task.conditions_for(cond)  # a text model reads captions
                 decision = resolve_inference(self.precision, module.device, module.net, shape,
                                              channels_last=bool(module.hparams.get("channels_last", False)),
                                              cache_dir=self.options["cache_dir"], cond=cond)

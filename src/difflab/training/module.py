@@ -77,6 +77,12 @@ class DiffusionModule(pl.LightningModule):
     def conditional(self) -> bool:
         return getattr(self.net, "num_classes", None) is not None
 
+    @property
+    def label_classes(self) -> Optional[int]:
+        """How many labels `sample(cond=labels)` takes: the network's classes, or a text task's
+        (whose labels become captions), else None."""
+        return getattr(self.net, "num_classes", None) or getattr(self.task, "num_classes", None)
+
     def _batch(self, batch: Any, train: bool = False, generator: Optional[torch.Generator] = None
                ) -> tuple[torch.Tensor, Any]:
         images, labels = batch
@@ -89,7 +95,7 @@ class DiffusionModule(pl.LightningModule):
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.task is not None:  # conditions from the clean images (dropout is the conditioner's)
-            return images, self.task.inputs(images, generator)
+            return images, self.task.inputs(images, generator, labels=labels)
         if not self.conditional:
             return images, None
         if train:  # condition dropout teaches the same network the unconditional prediction
@@ -150,7 +156,8 @@ class DiffusionModule(pl.LightningModule):
         """The network as the prediction samplers ask for, guided when a scale is given."""
         net = self.net
         if guidance_scale is not None:
-            net = ClassifierFreeGuidance(self.net, getattr(self.net, "num_classes", None), guidance_scale)
+            net = ClassifierFreeGuidance(self.net, getattr(self.net, "num_classes", None), guidance_scale,
+                                         dict_conditions=self.task is not None)
         # Latents have no bounded range: a sampler's clip_denoised does nothing there.
         return Denoiser(net, self.schedule, self.hparams.prediction,
                         clip_range=None if self.first_stage is not None else 1.0)
@@ -167,6 +174,8 @@ class DiffusionModule(pl.LightningModule):
         asked for, stays in latent space.
         """
         shape = (num_samples, *(image_shape or self.image_shape))
+        if torch.is_tensor(cond) and hasattr(self.task, "conditions_for"):  # labels -> their captions
+            cond = self.task.conditions_for(cond)
         scale = self.hparams.guidance_scale if cond is not None else None
         was_training = self.net.training
         self.net.eval()

@@ -1,13 +1,15 @@
-"""Trained restoration: the condition inputs of a batch, built from its clean images.
+"""Tasks: the condition inputs of a batch, built from its clean images (and labels).
 
-A task turns clean images into the dict a ``models.conditioning.Conditioner`` reads, in
-training (from the batch) and at sampling (from a measurement y):
+A task turns a batch into the dict a ``models.conditioning.Conditioner`` reads, in
+training (from the batch) and at sampling (from a measurement y, or a prompt):
 
 - ``SuperResolution`` (SR3, Saharia et al. 2021): ``low_res``, the image average-pooled by
   ``factor`` and brought back to full size (bicubic, or nearest), concatenated to x_t;
 - ``Inpainting`` (Palette, Saharia et al. 2022): ``keep`` (1 on known pixels) and ``masked``
   (the image with the hole at 0), one random mask per image from a fixed bank of the named
-  masks, so a batch mixes centre boxes, half planes and brush strokes.
+  masks, so a batch mixes centre boxes, half planes and brush strokes;
+- ``TextToImage``: ``text``, the word ids of a caption made from each image's label with a
+  training template drawn anew each time (``data.captions``); prompts at sampling.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from difflab.data.captions import Captions, WordTokenizer
 from difflab.diffusion.degradation import MASKS, Downsample, Inpaint, make_keep
 
 TASK_METHODS = {"superres": "sr3", "inpaint": "palette"}
@@ -42,7 +45,8 @@ class SuperResolution:
             up = F.interpolate(y, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
         return {self.input_key: up}
 
-    def inputs(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    def inputs(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+               labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         return self.from_measurement(self.operator.A(images))
 
     def seen(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -76,7 +80,8 @@ class Inpainting:
         masked = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
         return {"keep": keep.to(y.dtype), "masked": masked}
 
-    def inputs(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    def inputs(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+               labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         if images.shape[-1] != self.image_size:
             raise ValueError(f"the task's masks are {self.image_size}x{self.image_size}, the images "
                              f"{images.shape[-2]}x{images.shape[-1]}: set task.image_size")
@@ -92,12 +97,55 @@ class Inpainting:
         return f"Inpainting({', '.join(self.masks)})"
 
 
-def probe_conditions(task: SuperResolution | Inpainting | None, num_classes: Optional[int],
+class TextToImage:
+    """Condition ``{input_key: word ids [B, L]}`` of one caption per image (text-to-image).
+
+    ``class_names``: the data's classes (difflab-train fills them in from the data, so the
+    run config rebuilds the vocabulary); ``max_length``: the longest caption in words.
+    """
+
+    kind = "text"
+
+    def __init__(self, class_names: Optional[list[str]] = None, max_length: int = 16, input_key: str = "text") -> None:
+        if not class_names:
+            raise ValueError("TextToImage needs the data's class_names (difflab-train fills them in from the data)")
+        self.captions = Captions(class_names)
+        self.tokenizer = WordTokenizer(self.captions.vocabulary(), max_length)
+        self.class_names, self.input_key = list(class_names), input_key
+
+    @property
+    def num_classes(self) -> int:
+        return self.captions.num_classes
+
+    def from_prompts(self, prompts: list[str], device: torch.device | str = "cpu", warn: bool = False
+                     ) -> dict[str, torch.Tensor]:
+        """The condition for free-text prompts (unknown words warned about with `warn`)."""
+        return {self.input_key: self.tokenizer(prompts, warn=warn).to(device)}
+
+    def conditions_for(self, labels: torch.Tensor, split: str = "train",
+                       generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+        """Captions of `labels` from the `split` templates (train | held_out), as ids."""
+        generator = generator or torch.Generator().manual_seed(0)
+        return self.from_prompts(self.captions.sample(labels.cpu(), split, generator), labels.device)
+
+    def inputs(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+               labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        if labels is None:
+            raise ValueError("TextToImage captions images from their labels: the batch has none")
+        cpu = generator if generator is not None and generator.device.type == "cpu" else None
+        return self.from_prompts(self.captions.sample(labels.cpu(), "train", cpu), images.device)
+
+    def __repr__(self) -> str:
+        return f"TextToImage({self.captions.num_classes} classes, {self.tokenizer.vocab_size} words)"
+
+
+def probe_conditions(task: SuperResolution | Inpainting | TextToImage | None, num_classes: Optional[int],
                      shape: tuple[int, ...]) -> object:
     """Conditions shaped like the ones a run feeds its network (the task's dict, class labels
     or None), for the precision probes of training and sampling."""
     if task is not None:
-        return task.inputs(torch.rand(shape) * 2 - 1, torch.Generator().manual_seed(0))
+        labels = torch.arange(shape[0]) % getattr(task, "num_classes", 1)
+        return task.inputs(torch.rand(shape) * 2 - 1, torch.Generator().manual_seed(0), labels=labels)
     return None if num_classes is None else torch.arange(shape[0]) % num_classes
 
 

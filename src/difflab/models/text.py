@@ -1,0 +1,66 @@
+"""Text encoders as condition embedders: word ids in, token vectors for cross-attention out.
+
+``TextTransformer``: a small pre-norm transformer over word ids, trained from scratch
+jointly with the diffusion model (the vocabulary is that of the captions). It reads
+``LongTensor [B, L]`` ids with 0 as padding and returns ``tokens`` [B, L, D] and
+``token_mask`` [B, L] (True on real words).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from difflab.models.conditioning import ConditionError, Embedder
+
+
+def _check_ids(key: str, ids: Tensor, vocab_size: int) -> None:
+    if ids.ndim != 2 or ids.dtype != torch.long:
+        raise ConditionError(f"condition {key!r} must be word ids [B, L] (long), got {ids.dtype} of shape "
+                             f"{tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ConditionError(f"condition {key!r} has word ids outside [0, {vocab_size}): the tokenizer's "
+                             f"vocabulary is larger than the encoder's vocab_size={vocab_size}")
+
+
+class TextTransformer(Embedder):
+    """Word embeddings + learned positions -> ``depth`` pre-norm transformer layers -> LayerNorm.
+
+    Args:
+        vocab_size: rows of the word table (at least the tokenizer's vocabulary, padding included).
+        dim: token width (the cross-attention's context dim).
+        depth, heads: transformer layers and attention heads.
+        max_length: the longest sequence (learned positions).
+        input_key: the condition dict's key holding the ids.
+        p_drop: condition dropout (the empty prompt of classifier-free guidance).
+    """
+
+    def __init__(self, vocab_size: int = 128, dim: int = 64, depth: int = 2, heads: int = 4, max_length: int = 16,
+                 input_key: str = "text", p_drop: float = 0.1) -> None:
+        super().__init__(input_key, p_drop, trainable=True)
+        if dim % heads:
+            raise ValueError(f"TextTransformer dim={dim} is not divisible by heads={heads}")
+        self.vocab_size, self.dim, self.max_length = vocab_size, dim, max_length
+        self.words = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.positions = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def sizes(self) -> dict[str, int]:
+        return {"tokens": self.dim}
+
+    def embed(self, ids: Tensor) -> dict[str, Tensor]:
+        _check_ids(self.input_key, ids, self.vocab_size)
+        if ids.shape[1] > self.max_length:
+            raise ConditionError(f"condition {self.input_key!r} has {ids.shape[1]} tokens; the encoder takes at "
+                                 f"most max_length={self.max_length}")
+        mask = ids != 0
+        # A prompt with no word at all (the empty prompt) would leave the transformer nothing to
+        # attend to (NaN): let its first, padding position stand in.
+        attend = mask.clone()
+        attend[:, 0] |= ~mask.any(dim=1)
+        h = self.words(ids) + self.positions[: ids.shape[1]]
+        h = self.encoder(h, src_key_padding_mask=~attend)
+        return {"tokens": self.norm(h), "token_mask": mask}

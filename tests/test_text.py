@@ -1,0 +1,173 @@
+"""Text-to-image, offline: captions from labels, the word tokenizer, the transformer encoder,
+guidance on condition dicts, and a tiny run sampled from prompts end to end."""
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from difflab.cli import _hydra, schema
+from difflab.data.captions import DIGIT_HELD_OUT_TEMPLATES, Captions, WordTokenizer
+from difflab.diffusion.guidance import ClassifierFreeGuidance
+from difflab.models.conditioning import ConditionError
+from difflab.models.text import TextTransformer
+from difflab.training.tasks import TextToImage, probe_conditions
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+_hydra.setup()
+CONF = Path(_hydra.config_dir())
+DIGITS = [str(i) for i in range(10)]
+
+
+def test_digit_captions_use_words_and_numerals_and_only_training_templates():
+    captions = Captions(DIGITS)
+    assert captions.digits and captions.caption(7, "a handwritten {word}") == "a handwritten seven"
+    assert captions.caption(7, "the digit {numeral}") == "the digit 7"
+    drawn = captions.sample(torch.arange(10).repeat(20), "train", torch.Generator().manual_seed(0))
+    held_out = {captions.caption(k, t) for k in range(10) for t in DIGIT_HELD_OUT_TEMPLATES}
+    assert not held_out & set(drawn)
+    assert len({c.replace("seven", "X") for c in drawn if "seven" in c}) > 3  # several templates per class
+
+
+def test_held_out_prompts_are_new_sentences_of_known_words():
+    captions = Captions(DIGITS)
+    tokenizer = WordTokenizer(captions.vocabulary())
+    prompts = captions.sample(torch.arange(10), "held_out", torch.Generator().manual_seed(1))
+    assert tokenizer.unknown_words(prompts) == []
+    assert not set(prompts) & {captions.caption(k, t) for k in range(10) for t in captions.train_templates}
+
+
+def test_other_datasets_caption_their_class_names():
+    captions = Captions(["t-shirt/top", "trouser", "ankle boot"])
+    assert not captions.digits
+    assert captions.caption(2, "a photo of a {word}") == "a photo of a ankle boot"
+
+
+def test_tokenizer_pads_marks_unknown_words_and_warns(caplog):
+    tokenizer = WordTokenizer(["a", "seven", "handwritten"], max_length=4)
+    ids = tokenizer(["a handwritten seven", "seven", ""])
+    assert ids.shape == (3, 3)
+    assert ids[1].tolist() == [tokenizer.ids["seven"], 0, 0] and ids[2].tolist() == [0, 0, 0]
+    with caplog.at_level(logging.WARNING, logger="difflab.data"):
+        unknown = tokenizer(["a purple seven"], warn=True)
+    assert unknown[0, 1].item() == 1 and "purple" in caplog.text
+    assert tokenizer(["a a a a a a"]).shape == (1, 4)  # capped at max_length
+
+
+def test_text_transformer_masks_padding_and_survives_the_empty_prompt():
+    torch.manual_seed(0)
+    encoder = TextTransformer(vocab_size=10, dim=16, depth=2, heads=4, max_length=6).eval()
+    short = torch.tensor([[3, 4, 5]])
+    padded = torch.tensor([[3, 4, 5, 0, 0]])
+    with torch.no_grad():
+        a, b = encoder.embed(short), encoder.embed(padded)
+        empty = encoder.embed(torch.zeros(2, 4, dtype=torch.long))
+    torch.testing.assert_close(a["tokens"], b["tokens"][:, :3], atol=1e-5, rtol=1e-5)  # padding never attended
+    assert b["token_mask"].tolist() == [[True, True, True, False, False]]
+    assert torch.isfinite(empty["tokens"]).all() and not empty["token_mask"].any()
+    with pytest.raises(ConditionError, match="outside"):
+        encoder.embed(torch.tensor([[12]]))
+    with pytest.raises(ConditionError, match="max_length=6"):
+        encoder.embed(torch.ones(1, 7, dtype=torch.long))
+
+
+def test_guidance_on_condition_dicts_combines_the_two_predictions():
+    def net(x, t, cond=None):
+        return x * 0 + (0.0 if cond is None else 1.0 + cond["text"].float().mean())
+
+    x, t, cond = torch.zeros(2, 1, 2, 2), torch.tensor([1, 2]), {"text": torch.ones(2, 3, dtype=torch.long)}
+    for scale, expected in ((0.0, 0.0), (1.0, 2.0), (3.0, 6.0)):
+        out = ClassifierFreeGuidance(net, None, scale, dict_conditions=True)(x, t, cond)
+        torch.testing.assert_close(out, torch.full_like(out, expected))
+    with pytest.raises(ValueError, match="needs a class-conditional network"):
+        ClassifierFreeGuidance(net, None, 3.0)
+
+
+def test_text_task_captions_labels_and_needs_them():
+    task = TextToImage(DIGITS, max_length=12)
+    cond = task.inputs(torch.zeros(4, 1, 8, 8), torch.Generator().manual_seed(0), labels=torch.tensor([1, 2, 3, 4]))
+    assert cond["text"].dtype == torch.long and cond["text"].shape[0] == 4
+    assert probe_conditions(task, None, (6, 1, 8, 8))["text"].shape[0] == 6
+    with pytest.raises(ValueError, match="labels"):
+        task.inputs(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="class_names"):
+        TextToImage(None)
+
+
+def _compose(name, overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    from difflab.cli.train import train_run
+
+    root = tmp_path_factory.mktemp("text")
+    run = root / "run"
+    run.mkdir()
+    cfg = _compose("train", ["experiment=mnist5k_text", "data=digits", "data.batch_size=64", "model=unet_tiny",
+                             "first_stage=identity", "model.cross_attention_levels=[1]", "trainer.max_epochs=2",
+                             "trainer.max_time=null", "trainer.precision=32-true", "channels_last=false",
+                             "callbacks.progress_bar=null", "callbacks.fid.num_samples=40",
+                             "callbacks.fid.batch_size=40", "callbacks.sample_grid.num_samples=20",
+                             "callbacks.sample_grid.nrow=10", f"paths.output_dir={run}", f"paths.root_dir={root}"])
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+            patch.delenv(key, raising=False)
+        metrics, outcome = train_run(cfg)
+    return run, metrics, outcome
+
+
+def test_text_run_logs_prompt_accuracy_and_records_its_classes(text_run):
+    run, metrics, outcome = text_run
+    assert outcome["status"] == "ok"
+    assert 0.0 <= metrics["eval/class_accuracy"] <= 1.0  # captions of balanced labels, at the run's guidance
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["task"]["class_names"] == DIGITS
+
+
+def test_sample_draws_from_prompts_and_warns_about_unknown_words(text_run, tmp_path, caplog):
+    from difflab.cli.sample import sample
+
+    ckpt = text_run[0] / "checkpoints" / "ema.pt"
+    common = [f"ckpt={ckpt}", "sampler=ddim", "sampler.steps=4", "progress=false", "precision=32-true"]
+    written = sample(_compose("sample", [*common, "prompts=[a handwritten seven,the digit 3]", "nrow=3",
+                                         f"paths.output_dir={tmp_path / 'rows'}"]))
+    data = np.load(written["npz"])
+    assert data["images"].shape == (6, 8, 8, 1)
+    assert list(data["prompts"]) == ["a handwritten seven"] * 3 + ["the digit 3"] * 3
+    with caplog.at_level(logging.WARNING, logger="difflab.data"):
+        written = sample(_compose("sample", [*common, "prompt=a purple seven", "n=2", "guidance.scale=2",
+                                             f"paths.output_dir={tmp_path / 'one'}"]))
+    assert "purple" in caplog.text and np.load(written["npz"])["images"].shape[0] == 2
+
+
+def test_prompts_on_a_model_without_text_are_refused():
+    from difflab.cli import prompts
+
+    cfg = _compose("sample", ["ckpt=x", "prompt=a seven"])
+    with pytest.raises(schema.ConfigError, match="need a text-to-image model"):
+        prompts.prompt_conditions(cfg, None, "x.pt", 8)
+    with pytest.raises(schema.ConfigError, match="not both"):
+        OmegaConf.to_object(_compose("sample", ["ckpt=x", "prompt=a", "prompts=[b]", "paths.output_dir=x"])).validate()
+
+
+def test_evaluate_scores_prompt_accuracy_on_held_out_templates(text_run, tmp_path):
+    from difflab.cli.evaluate import evaluate
+
+    cfg = _compose("eval", [f"ckpt={text_run[0] / 'checkpoints' / 'ema.pt'}", "n=40", "batch_size=40",
+                            "samplers=[ddim]", "steps=[4]", "guidance_scales=[0,3]", "prompt_templates=held_out",
+                            "progress=false", "grid_images=0", "real_baseline=false", "precision=32-true",
+                            f"paths.output_dir={tmp_path}"])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        rows = evaluate(cfg)
+    assert [r["guidance_scale"] for r in rows] == [0.0, 3.0]
+    assert all(math.isfinite(r["fid"]) and 0.0 <= r["class_accuracy"] <= 1.0 for r in rows)
