@@ -4,10 +4,12 @@ the default run's wall-time budget and at half of it, on this machine (`make lat
 1. The default experiment in pixel space: its wall time T (start-up, grids and FID included)
    is the budget.
 2. The autoencoder (experiment=mnist5k_autoencoder) takes part of it.
-3. Latent diffusion (experiment=mnist5k_latent) gets the rest: a one-epoch run measures its
-   start-up and its epoch time, and the budget's run trains as many epochs as fit.
-4. The same at T / 2: the pixel run with as many epochs as fit, an autoencoder with half its
-   epochs, and latent diffusion with what is left.
+3. Latent diffusion (experiment=mnist5k_latent) gets the rest: runs of 1 and 3 epochs measure
+   its start-up (grids and FID included) and its epoch time, and the budget's run trains as
+   many epochs as fit.
+4. The same at T / 2: the pixel run with as many epochs as fit (a 1-epoch run and the
+   10-epoch default give its start-up and epoch time), an autoencoder with half its epochs,
+   and latent diffusion with what is left.
 Each model is scored by difflab-evaluate (DDIM-50, 500 samples, domain FID), which also times
 the sampling (decoding included). Training img/s is each run's measured step rate times its
 batch. Writes results.md and results.json under outputs/latent_vs_pixel/<time>/.
@@ -76,11 +78,15 @@ def epochs_that_fit(budget: float, start_up: float, epoch: float, most: int = 20
     return max(1, min(most, math.floor((budget - start_up) / epoch)))
 
 
-def latent_within(out: Path, tag: str, budget: float, ae: dict, calibration: dict) -> dict:
+def timing(short: dict, long: dict, epochs: tuple[int, int]) -> tuple[float, float]:
+    """(start-up, seconds per epoch) from the wall times of two runs of `epochs` epochs."""
+    per_epoch = (long["seconds"] - short["seconds"]) / (epochs[1] - epochs[0])
+    return short["seconds"] - epochs[0] * per_epoch, per_epoch
+
+
+def latent_within(out: Path, tag: str, budget: float, ae: dict, start_up: float, per_epoch: float) -> dict:
     """Latent diffusion with the epochs that fit in `budget` after the autoencoder `ae`."""
-    epoch = STEPS_PER_EPOCH / (calibration["img_per_s"] / BATCH)
-    start_up = calibration["seconds"] - epoch
-    epochs = epochs_that_fit(budget - ae["seconds"], start_up, epoch)
+    epochs = epochs_that_fit(budget - ae["seconds"], start_up, per_epoch)
     ckpt = ae["dir"] / "checkpoints" / "autoencoder.pt"
     latent = train(out, f"latent_{tag}", "experiment=mnist5k_latent", f"first_stage.ckpt={ckpt}",
                    f"trainer.max_epochs={epochs}")
@@ -96,15 +102,17 @@ def main() -> None:
     pixel = train(out, "pixel")  # the default experiment: 10 epochs
     budget = pixel["seconds"]
     ae = train(out, "ae", "experiment=mnist5k_autoencoder")
-    calibration = train(out, "latent_calibration", "experiment=mnist5k_latent",
-                        f"first_stage.ckpt={ae['dir'] / 'checkpoints' / 'autoencoder.pt'}", "trainer.max_epochs=1")
-    latent = latent_within(out, "full", budget, ae, calibration)
+    first_stage = f"first_stage.ckpt={ae['dir'] / 'checkpoints' / 'autoencoder.pt'}"
+    short, long = (train(out, f"latent_{n}_epochs", "experiment=mnist5k_latent", first_stage,
+                         f"trainer.max_epochs={n}") for n in (1, 3))
+    latent_timing = timing(short, long, (1, 3))
+    latent = latent_within(out, "full", budget, ae, *latent_timing)
 
-    pixel_epoch = STEPS_PER_EPOCH / (pixel["img_per_s"] / BATCH)
-    pixel_half_epochs = epochs_that_fit(budget / 2, budget - 10 * pixel_epoch, pixel_epoch, most=10)
+    pixel_start_up, pixel_epoch = timing(train(out, "pixel_1_epoch", "trainer.max_epochs=1"), pixel, (1, 10))
+    pixel_half_epochs = epochs_that_fit(budget / 2, pixel_start_up, pixel_epoch, most=10)
     pixel_half = {**train(out, "pixel_half", f"trainer.max_epochs={pixel_half_epochs}"), "epochs": pixel_half_epochs}
     ae_half = train(out, "ae_half", "experiment=mnist5k_autoencoder", "trainer.max_epochs=3")
-    latent_half = latent_within(out, "half", budget / 2, ae_half, calibration)
+    latent_half = latent_within(out, "half", budget / 2, ae_half, *latent_timing)
 
     rows = []
     for label, budget_s, diffusion, first in (("pixel", budget, {**pixel, "epochs": 10}, None),

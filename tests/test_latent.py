@@ -196,3 +196,22 @@ def test_latent_space_stays_frozen_in_train_mode():
     assert not space.autoencoder.training
     assert not any(p.requires_grad for p in space.parameters())
     assert "scale_factor" in space.state_dict()
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "pc", "euler", "heun", "dpmpp"])
+def test_every_sampler_draws_decoded_images_from_a_latent_model(name):
+    from difflab.diffusion.samplers import SAMPLERS
+    from difflab.models import UNet
+    from difflab.models.autoencoder import AutoencoderKL
+    from difflab.training.module import DiffusionModule
+
+    torch.manual_seed(0)
+    space = LatentSpace(AutoencoderKL(in_channels=1, image_size=8, channel_mults=(1, 2), base_channels=8,
+                                      num_groups=4), scale_factor=0.7)
+    net = UNet(in_channels=4, base_channels=8, channel_mults=(1,), attention_levels=(), num_groups=4, image_size=4,
+               attention_head_dim=8)
+    sampler = SAMPLERS[name](steps=3)
+    module = DiffusionModule(net, NoiseSchedule("cosine", 100), sampler, prediction="v", channels_last=False,
+                             first_stage=space, run_config={"model": {"image_size": 4, "in_channels": 4}})
+    images = module.sample(3, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all() and images.abs().max() <= 1.0

@@ -3,7 +3,7 @@
 Each notebook is executed with nbclient in a temporary working directory, on a kernel that
 runs this interpreter (a throw-away kernelspec, so a global "python3" kernel pointing at
 another Python cannot be picked up). A raising cell fails the test with that cell's source
-and traceback. Together the three take about 2.5 minutes on 2 CPU cores.
+and traceback. Together the five take about 4 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ RUN_LEFTOVERS = ("lightning_logs", "checkpoints", "*.ckpt", "*.pt", "metrics.csv
 def test_notebooks_exist():
     names = [path.name for path in NOTEBOOKS]
     assert names == ["01_forward_process.ipynb", "02_train_and_sample.ipynb", "03_samplers_and_guidance.ipynb",
-                     "04_restoration.ipynb"]
+                     "04_restoration.ipynb", "05_latent_and_text.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -6,6 +6,9 @@ restores both on resume. We add two things a diffusion run wants:
 - a warm-up of the decay, min(decay, (1 + n) / (10 + n)) after n updates, so the EMA of a
   short run is not dominated by the random initial weights;
 - `use_buffers=False`: only parameters are averaged; buffers (the noise schedule) are not.
+- only trainable parameters are updated, with one fused lerp over lists built once: frozen
+  ones (a latent model's first stage) keep the copy taken at the start, which is their value,
+  and the per-step cost of regrouping every tensor (Lightning's AveragedModel path) is gone.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class EMA(WeightAveraging):
         self.update_every_n_steps = update_every_n_steps
         # Updates so far, counted on the host so that the decay never waits on a device.
         self._updates = 0
+        self._pairs: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def current_decay(self) -> float:
         """Decay of the update in progress: n = updates before it (the first one copies)."""
@@ -39,6 +44,36 @@ class EMA(WeightAveraging):
     def _lerp(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
         # ema <- ema + (1 - decay) * (current - ema), one fused op per device/dtype group.
         torch._foreach_lerp_(averaged, current, 1.0 - self.current_decay())
+
+    def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._pairs, self._buffers = None, []  # a new averaged copy: pair its tensors again
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step_idx = trainer.global_step - 1  # zero-based, as Lightning's WeightAveraging counts
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
+            self._update(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    def _update(self, pl_module: pl.LightningModule) -> None:
+        average = self._average_model
+        assert average is not None
+        if self._pairs is None:  # the same tensors every step: Lightning swaps values, not objects
+            pairs = [(a.detach(), c.detach()) for a, c in zip(average.module.parameters(), pl_module.parameters())
+                     if c.requires_grad]
+            self._pairs = ([a for a, _ in pairs], [c for _, c in pairs])
+            self._buffers = list(zip(average.module.buffers(), pl_module.buffers()))
+        averaged, current = self._pairs
+        if int(average.n_averaged) == 0:  # the first update copies everything, frozen parameters included
+            for a, c in zip(average.module.parameters(), pl_module.parameters()):
+                a.detach().copy_(c.detach().to(a.device))
+        elif averaged:
+            same_device = averaged[0].device == current[0].device
+            self._lerp(averaged, current if same_device else [c.to(averaged[0].device) for c in current], None)
+        for a, c in self._buffers:  # buffers are copied, never averaged (AveragedModel's use_buffers=False)
+            a.detach().copy_(c.detach().to(a.device))
+        average.n_averaged += 1
 
     def should_update(self, step_idx: Optional[int] = None, epoch_idx: Optional[int] = None) -> bool:
         update = step_idx is not None and step_idx % self.update_every_n_steps == 0
