@@ -33,7 +33,6 @@ from pathlib import Path
 from difflab.training.precision import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH = 140  # 4,500 training digits in batches of 32 (drop_last)
 BATCH = 32
 
 
@@ -60,6 +59,9 @@ def train(out: Path, name: str, *overrides: str) -> dict:
     run_dir = out / name
     seconds = run("difflab.cli.train", *overrides, f"hydra.run.dir={run_dir}")
     result = json.loads((run_dir / "result.json").read_text())
+    if result["status"] != "ok":  # a run cut short (max_time on a slow CPU) would make every estimate wrong
+        sys.exit(f"{name} ended {result['status']} after {result.get('steps')} of {result.get('planned_steps')} "
+                 f"steps ({result.get('stop_reason')}); the table needs complete runs: pass trainer.max_time=null")
     return {"dir": run_dir, "seconds": seconds, "steps": result.get("steps"), "status": result["status"],
             "precision": (result.get("precision") or {}).get("precision"),
             "img_per_s": steps_per_second(run_dir) * BATCH, "metrics": result["metrics"]}

@@ -215,3 +215,31 @@ def test_every_sampler_draws_decoded_images_from_a_latent_model(name):
                              first_stage=space, run_config={"model": {"image_size": 4, "in_channels": 4}})
     images = module.sample(3, generator=torch.Generator().manual_seed(0))
     assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all() and images.abs().max() <= 1.0
+
+
+def test_an_autoencoder_run_resumes_from_its_last_checkpoint(ae_run, tmp_path):
+    run, _, outcome = ae_run
+    resumed, _, again = _train(tmp_path, "resumed", *AE_ARGS, "trainer.max_epochs=4",
+                               f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert again["status"] == "ok" and again["steps"] == outcome["steps"] * 4 // 3
+
+
+def test_a_resumed_latent_run_keeps_the_first_stage_of_its_checkpoint(latent_run, ae_run, tmp_path):
+    from difflab.cli.train import build
+    from difflab.training.checkpoint import check_resume_compatible
+
+    run = latent_run[0]
+    saved = yaml.safe_load((run / "config.yaml").read_text())["first_stage"]["scale_factor"]
+    other = tmp_path / "other_autoencoder.pt"  # the file on disk changed since: the resume must not read it
+    other.write_bytes(b"not read")
+    cfg = _compose("train", ["experiment=digits_tiny", "first_stage=kl", f"first_stage.ckpt={other}",
+                             "trainer.max_epochs=3", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                             f"paths.output_dir={tmp_path / 'out'}"])
+    module, _, _ = build(cfg)
+    assert module.first_stage.scale_factor.item() == pytest.approx(saved)
+    check_resume_compatible(run / "checkpoints" / "last.ckpt", module.hparams.run_config)
+    pixel = _compose("train", ["experiment=digits_tiny", f"paths.output_dir={tmp_path / 'pixel'}"])
+    from difflab.cli import _hydra as hydra_helpers
+
+    with pytest.raises(CheckpointError, match="first_stage.kind"):
+        check_resume_compatible(run / "checkpoints" / "last.ckpt", hydra_helpers.plain(pixel))

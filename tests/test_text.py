@@ -15,7 +15,7 @@ from difflab.cli import _hydra, schema
 from difflab.data.captions import DIGIT_HELD_OUT_TEMPLATES, Captions, WordTokenizer
 from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.models.conditioning import ConditionError
-from difflab.models.text import TextTransformer
+from difflab.models.text import TextTransformer, check_vocabulary
 from difflab.training.tasks import TextToImage, probe_conditions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,11 +69,36 @@ def test_text_transformer_masks_padding_and_survives_the_empty_prompt():
         empty = encoder.embed(torch.zeros(2, 4, dtype=torch.long))
     torch.testing.assert_close(a["tokens"], b["tokens"][:, :3], atol=1e-5, rtol=1e-5)  # padding never attended
     assert b["token_mask"].tolist() == [[True, True, True, False, False]]
-    assert torch.isfinite(empty["tokens"]).all() and not empty["token_mask"].any()
-    with pytest.raises(ConditionError, match="outside"):
-        encoder.embed(torch.tensor([[12]]))
+    # the empty prompt is zero tokens: exactly what condition dropout gives
+    assert torch.equal(empty["tokens"], torch.zeros_like(empty["tokens"])) and not empty["token_mask"].any()
     with pytest.raises(ConditionError, match="max_length=6"):
         encoder.embed(torch.ones(1, 7, dtype=torch.long))
+    with pytest.raises(ConditionError, match="word ids"):
+        encoder.embed(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="raise model.conditioner's vocab_size"):
+        check_vocabulary(encoder, 11)
+    check_vocabulary(encoder, 10)
+
+
+def test_the_empty_prompt_gives_the_unconditional_prediction():
+    from difflab.models import UNet
+    from difflab.models.conditioning import Conditioner
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, base_channels=16, channel_mults=(1, 2), attention_levels=(), num_groups=4,
+               attention_head_dim=8, conditioner=Conditioner([TextTransformer(vocab_size=10, dim=16, p_drop=0.0)]),
+               cross_attention_levels=(1,)).eval()
+    for module in net.modules():  # zero-initialised outputs: make every path matter
+        if isinstance(module, torch.nn.Linear) and not module.weight.any():
+            torch.nn.init.normal_(module.weight, std=0.2)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.2)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        empty = net(x, t, {"text": torch.zeros(2, 3, dtype=torch.long)})
+        null = net(x, t, None)
+        prompt = net(x, t, {"text": torch.tensor([[3, 4, 0], [5, 0, 0]])})
+    torch.testing.assert_close(empty, null, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(prompt, null)
 
 
 def test_guidance_on_condition_dicts_combines_the_two_predictions():

@@ -145,9 +145,10 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     batches = range(0, n, cfg.batch_size)
     for start in track(batches, description="sampling", disable=not cfg.progress or len(batches) < 2):
         size = min(cfg.batch_size, n - start)
-        cond = None if labels is None else condition_batch(labels, start, start + size) if text else \
-            labels[start:start + size].to(device)
-        cond = {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond
+        if isinstance(labels, dict):  # a text model's prompts, as word ids
+            cond = {key: value.to(device) for key, value in condition_batch(labels, start, start + size).items()}
+        else:
+            cond = None if labels is None else labels[start:start + size].to(device)
         with torch.no_grad():
             result = sampler.sample(denoiser, schedule, (size, *shape), cond=cond, generator=generator,
                                     progress=cfg.progress and len(batches) == 1,

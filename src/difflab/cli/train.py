@@ -33,6 +33,7 @@ from difflab.training.checkpoint import CheckpointError, check_resume_compatible
 from difflab.training import precision, tracking
 from difflab.training.budget import StepBudget, ValidateAtEnd
 from difflab.models.first_stage import LatentSpace
+from difflab.models.text import check_vocabulary
 from difflab.training.autoencoder import AutoencoderModule, ReconstructionProbe
 from difflab.training.first_stage import build_latent_space, cache_latents
 from difflab.training.module import DiffusionModule
@@ -124,7 +125,7 @@ def first_stage(cfg: DictConfig, datamodule: Any) -> Optional[LatentSpace]:
     if task_kind in ("SuperResolution", "Inpainting"):
         raise schema.ConfigError(f"task={task_kind} (trained restoration) works in pixel space: use "
                                  "first_stage=identity with it.")
-    space = build_latent_space(spec, datamodule)
+    space = build_latent_space(spec, datamodule, resume=cfg.get("ckpt_path"))
     OmegaConf.update(cfg, "first_stage.scale_factor", float(space.scale_factor))
     OmegaConf.update(cfg, "first_stage.autoencoder", space.autoencoder.config(), merge=False)
     if spec["cache_latents"]:
@@ -142,6 +143,13 @@ def _diffusion_module(cfg: DictConfig, datamodule: Any, space: Optional[LatentSp
     if cfg.get("task") is not None and "class_names" in cfg.task and not cfg.task.class_names:
         OmegaConf.update(cfg, "task.class_names", list(datamodule.class_names))  # a text task's vocabulary
     task = instantiate(cfg.task) if cfg.get("task") is not None else None
+    tokenizer = getattr(task, "tokenizer", None)
+    for embedder in getattr(getattr(net, "conditioner", None), "embedders", []):
+        if tokenizer is not None and embedder.input_key == task.input_key:
+            try:
+                check_vocabulary(embedder, tokenizer.vocab_size)
+            except ValueError as error:
+                raise schema.ConfigError(str(error)) from None
     decision = resolve_precision(cfg, net, datamodule, task)
     module = DiffusionModule(
         net, instantiate(cfg.schedule), instantiate(cfg.sampler),
@@ -190,6 +198,10 @@ def build(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, 
                      ValidateAtEnd()]
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks) + tracking.callbacks(cfg) + run_callbacks,
                           logger=_instantiate_all(cfg.logger) or False)
+    if getattr(module, "discriminator", None) is not None and trainer.world_size > 1:
+        # Two backward passes per step, the discriminator idle before disc_start: not what DDP's reducer expects.
+        raise schema.ConfigError("autoencoder_loss=kl_gan (a discriminator) trains on one device for now: use "
+                                 "trainer=cpu or trainer=gpu, or autoencoder_loss=kl with several devices.")
     return module, datamodule, trainer
 
 

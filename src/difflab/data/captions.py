@@ -39,8 +39,10 @@ class Captions:
 
     def __init__(self, class_names: Sequence[str], digits: Optional[bool] = None) -> None:
         names = [str(n).lower().replace("_", " ") for n in class_names]
-        self.digits = digits if digits is not None else names == [str(i) for i in range(len(names))] or \
-            names == list(DIGIT_WORDS[: len(names)])
+        numerals = len(names) <= len(DIGIT_WORDS) and names == [str(i) for i in range(len(names))]
+        self.digits = digits if digits is not None else numerals or names == list(DIGIT_WORDS[: len(names)])
+        if self.digits and len(names) > len(DIGIT_WORDS):
+            raise ValueError(f"{len(names)} digit classes: captions have words for 0-9 only")
         self.class_words = list(DIGIT_WORDS[: len(names)]) if self.digits else names
         self.train_templates = DIGIT_TRAIN_TEMPLATES if self.digits else OBJECT_TRAIN_TEMPLATES
         self.held_out_templates = DIGIT_HELD_OUT_TEMPLATES if self.digits else OBJECT_HELD_OUT_TEMPLATES

@@ -14,13 +14,12 @@ from torch import Tensor, nn
 from difflab.models.conditioning import ConditionError, Embedder
 
 
-def _check_ids(key: str, ids: Tensor, vocab_size: int) -> None:
+def _check_ids(key: str, ids: Tensor) -> None:
+    # Shapes only: a value check would wait on the device at every sampler step. The vocabulary
+    # is checked once against the tokenizer's (difflab-train: `check_vocabulary`).
     if ids.ndim != 2 or ids.dtype != torch.long:
         raise ConditionError(f"condition {key!r} must be word ids [B, L] (long), got {ids.dtype} of shape "
                              f"{tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ConditionError(f"condition {key!r} has word ids outside [0, {vocab_size}): the tokenizer's "
-                             f"vocabulary is larger than the encoder's vocab_size={vocab_size}")
 
 
 class TextTransformer(Embedder):
@@ -32,7 +31,8 @@ class TextTransformer(Embedder):
         depth, heads: transformer layers and attention heads.
         max_length: the longest sequence (learned positions).
         input_key: the condition dict's key holding the ids.
-        p_drop: condition dropout (the empty prompt of classifier-free guidance).
+        p_drop: condition dropout for classifier-free guidance (a dropped prompt is zero tokens,
+            the same as the empty prompt "").
     """
 
     def __init__(self, vocab_size: int = 128, dim: int = 64, depth: int = 2, heads: int = 4, max_length: int = 16,
@@ -52,15 +52,24 @@ class TextTransformer(Embedder):
         return {"tokens": self.dim}
 
     def embed(self, ids: Tensor) -> dict[str, Tensor]:
-        _check_ids(self.input_key, ids, self.vocab_size)
+        _check_ids(self.input_key, ids)
         if ids.shape[1] > self.max_length:
             raise ConditionError(f"condition {self.input_key!r} has {ids.shape[1]} tokens; the encoder takes at "
                                  f"most max_length={self.max_length}")
         mask = ids != 0
+        has_words = mask.any(dim=1)
         # A prompt with no word at all (the empty prompt) would leave the transformer nothing to
-        # attend to (NaN): let its first, padding position stand in.
+        # attend to (NaN): let its first, padding position stand in, then zero its tokens, so the
+        # empty prompt is exactly the dropped condition of classifier-free guidance.
         attend = mask.clone()
-        attend[:, 0] |= ~mask.any(dim=1)
+        attend[:, 0] |= ~has_words
         h = self.words(ids) + self.positions[: ids.shape[1]]
-        h = self.encoder(h, src_key_padding_mask=~attend)
-        return {"tokens": self.norm(h), "token_mask": mask}
+        h = self.norm(self.encoder(h, src_key_padding_mask=~attend))
+        return {"tokens": h * has_words[:, None, None].to(h.dtype), "token_mask": mask}
+
+
+def check_vocabulary(encoder: Embedder, vocab_size: int) -> None:
+    """Refuse a tokenizer whose ids the encoder's word table cannot hold (said once, at build)."""
+    if getattr(encoder, "vocab_size", vocab_size) < vocab_size:
+        raise ValueError(f"the captions' vocabulary has {vocab_size} ids (padding and unknown included) but the "
+                         f"text encoder's vocab_size is {encoder.vocab_size}: raise model.conditioner's vocab_size")

@@ -14,7 +14,7 @@ swamps the other. The discriminator learns from the hinge loss
 ``0.5 (relu(1 - d(x)) + relu(1 + d(D(z))))``.
 
 Optimisation is manual (Lightning 2) but takes one optimizer step per batch: the
-autoencoder and the discriminator are two parameter groups of one Adam, and each group
+autoencoder and the discriminator are two parameter groups of one AdamW, and each group
 receives only its own loss's gradients. So ``global_step`` counts batches, as in every
 other difflab run, and the precision plugin (bf16 or fp16 with its scaler) sees one step.
 """
@@ -46,7 +46,7 @@ class AutoencoderModule(pl.LightningModule):
         kl_weight: weight of the KL term (LDM: 1e-6; 1e-6..1e-4 keeps latents near N(0, I)).
         disc_start: optimizer step from which the adversarial losses are on.
         disc_weight: scale of the adaptively weighted generator loss.
-        lr, betas, weight_decay, warmup_steps, lr_schedule, min_lr_ratio: Adam and its
+        lr, betas, weight_decay, warmup_steps, lr_schedule, min_lr_ratio: AdamW and its
             learning-rate shape (``difflab.training.lr``), for both parameter groups.
         grad_clip: clip the global gradient norm of each step (None: no clipping).
         channels_last: run the networks and batches in channels_last.
@@ -143,7 +143,7 @@ class AutoencoderModule(pl.LightningModule):
         groups = [{"params": list(self.net.parameters())}]
         if self.discriminator is not None:
             groups.append({"params": list(self.discriminator.parameters())})
-        optimizer = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         factor = functools.partial(lr_factor, total=total, warmup_steps=hp.warmup_steps,
                                    lr_schedule=hp.lr_schedule, min_lr_ratio=hp.min_lr_ratio)

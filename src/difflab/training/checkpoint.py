@@ -45,6 +45,15 @@ def _read_payload(path: str | Path, what: str) -> dict[str, Any]:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(run_config, network state_dict, first-stage state_dict) of a diffusion run's `.ckpt`
     or `ema.pt`; the last is empty for a pixel-space model (see `load_network_weights`)."""
+    config, weights, first_stage = read_run_checkpoint(path)
+    if config.get("stage") == "autoencoder":
+        raise CheckpointError(f"{path} is an autoencoder run's checkpoint, not a diffusion model: use its "
+                              f"autoencoder.pt as first_stage.ckpt of a diffusion run.")
+    return config, weights, first_stage
+
+
+def read_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`read_checkpoint` for the checkpoint of any difflab-train run (an autoencoder run's too)."""
     path = Path(path)
     payload = _read_payload(path, "ckpt=<run>/checkpoints/last.ckpt or ckpt=<run>/checkpoints/ema.pt")
     first_stage: dict[str, torch.Tensor] = {}
@@ -64,9 +73,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
                               f"('format': {EMA_FORMAT!r}) nor a Lightning 'state_dict' with difflab hyperparameters.")
     if not config or "model" not in config or not weights:
         raise CheckpointError(f"{path} has no run config or network weights; it was not written by difflab-train.")
-    if config.get("stage") == "autoencoder":
-        raise CheckpointError(f"{path} is an autoencoder run's checkpoint, not a diffusion model: use its "
-                              f"autoencoder.pt as first_stage.ckpt of a diffusion run.")
     return config, weights, first_stage
 
 
@@ -102,12 +108,21 @@ def check_resume_compatible(path: str | Path, run_config: dict[str, Any]) -> Non
     Without this, Lightning fails deep inside `load_state_dict` with a list of tensor
     shapes; with it, the message says which config keys differ and what to do.
     """
-    saved, _ = load_network_weights(path)
-    differences = [d for key in ("model", "objective") for d in
-                   _differences(saved.get(key), run_config.get(key), key)]
+    saved, _, _ = read_run_checkpoint(path)
+    stage = run_config.get("stage", "diffusion")
+    differences = _differences(saved.get("stage", "diffusion"), stage, "stage")
+    keys = ("model", "autoencoder_loss") if stage == "autoencoder" else ("model", "objective")
+    differences += [d for key in keys for d in _differences(saved.get(key), run_config.get(key), key)]
+    if stage != "autoencoder":
+        # The first stage (a resume takes it from the checkpoint, so its file does not matter); a
+        # checkpoint from before first_stage existed is a pixel-space one.
+        stages = [{k: (config.get("first_stage") or {}).get(k) for k in ("kind", "autoencoder")}
+                  for config in (saved, run_config)]
+        for first in stages:
+            first["kind"] = first["kind"] or "identity"
+        differences += _differences(*stages, "first_stage")
     if differences:
         raise CheckpointError(
-            f"cannot resume from {path}: it was trained with another "
-            + "model/objective config:\n  " + "\n  ".join(differences)
-            + "\nUse the same model and objective options as that run (its config.yaml), "
+            f"cannot resume from {path}: it was trained with another config:\n  " + "\n  ".join(differences)
+            + f"\nUse the same {', '.join(keys)} options as that run (its config.yaml), "
             "or start a fresh run without ckpt_path.")

@@ -65,7 +65,7 @@ class EMA(WeightAveraging):
             self._pairs = ([a for a, _ in pairs], [c for _, c in pairs])
             self._buffers = list(zip(average.module.buffers(), pl_module.buffers()))
         averaged, current = self._pairs
-        if int(average.n_averaged) == 0:  # the first update copies everything, frozen parameters included
+        if self._updates <= 1:  # the first update copies everything, frozen parameters included (host count)
             for a, c in zip(average.module.parameters(), pl_module.parameters()):
                 a.detach().copy_(c.detach().to(a.device))
         elif averaged:

@@ -17,7 +17,7 @@ import torch
 
 from difflab.models.autoencoder import AutoencoderKL
 from difflab.models.first_stage import LatentSpace
-from difflab.training.checkpoint import CheckpointError, load_autoencoder
+from difflab.training.checkpoint import CheckpointError, load_autoencoder, read_checkpoint
 
 log = logging.getLogger("difflab.train")
 FIRST_STAGES = ("identity", "kl")
@@ -49,10 +49,18 @@ def first_stage_spec(kind: str = "identity", ckpt: Optional[str] = None, scale_f
             "cache_latents": cache_latents, "autoencoder": autoencoder}
 
 
-def build_latent_space(spec: dict[str, Any], datamodule: Any) -> Optional[LatentSpace]:
-    """The run's first stage (None for pixel space), scale fitted on all training images."""
+def build_latent_space(spec: dict[str, Any], datamodule: Any, resume: Optional[str] = None) -> Optional[LatentSpace]:
+    """The run's first stage (None for pixel space), scale fitted on all training images. A
+    run resumed from the checkpoint `resume` takes that checkpoint's own first stage and scale
+    (whatever the autoencoder.pt on disk holds now)."""
     if spec.get("kind", "identity") == "identity":
         return None
+    if resume is not None:
+        saved_config, _, state = read_checkpoint(resume)
+        if is_latent(saved_config):  # (a pixel checkpoint is refused by the resume check, naming the key)
+            space = latent_space_from_checkpoint(saved_config, state)
+            log.info("first stage: the autoencoder and scale factor %.4f of %s", float(space.scale_factor), resume)
+            return space
     autoencoder, data = load_autoencoder(spec["ckpt"])
     ours = (datamodule.channels, datamodule.image_size)
     theirs = (autoencoder.in_channels, autoencoder.image_size)

@@ -112,6 +112,11 @@ class TextToImage:
         self.captions = Captions(class_names)
         self.tokenizer = WordTokenizer(self.captions.vocabulary(), max_length)
         self.class_names, self.input_key = list(class_names), input_key
+        # Every training caption tokenized once, [classes, templates, L]: a batch's captions are then
+        # two index lookups on its own device, with no strings and no host round trip per step.
+        templates = self.captions.train_templates
+        texts = [self.captions.caption(k, t) for k in range(self.num_classes) for t in templates]
+        self.table = self.tokenizer(texts).view(self.num_classes, len(templates), -1)
 
     @property
     def num_classes(self) -> int:
@@ -132,8 +137,11 @@ class TextToImage:
                labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         if labels is None:
             raise ValueError("TextToImage captions images from their labels: the batch has none")
-        cpu = generator if generator is not None and generator.device.type == "cpu" else None
-        return self.from_prompts(self.captions.sample(labels.cpu(), "train", cpu), images.device)
+        device = generator.device if generator is not None else labels.device
+        picks = torch.randint(self.table.shape[1], labels.shape, generator=generator, device=device)
+        if self.table.device != labels.device:
+            self.table = self.table.to(labels.device)
+        return {self.input_key: self.table[labels, picks.to(labels.device)]}
 
     def __repr__(self) -> str:
         return f"TextToImage({self.captions.num_classes} classes, {self.tokenizer.vocab_size} words)"
