@@ -104,23 +104,15 @@ class ClassEmbedder(Embedder):
         return {"vector": self.table(value)}
 
 
-class ClassTokens(Embedder):
+class ClassTokens(ClassEmbedder):
     """Class labels [B] as a one-token sequence of ``dim`` dims, for cross-attention: the
     check that attending to a class token conditions as well as adding a class vector."""
-
-    def __init__(self, num_classes: int, dim: int = 64, input_key: str = "label", p_drop: float = 0.1) -> None:
-        super().__init__(input_key, p_drop, trainable=True)
-        self.num_classes, self.dim = num_classes, dim
-        self.table = nn.Embedding(num_classes, dim)
 
     def sizes(self) -> dict[str, int]:
         return {"tokens": self.dim}
 
     def embed(self, value: Tensor) -> dict[str, Tensor]:
-        if value.ndim != 1 or value.dtype != torch.long:
-            raise ConditionError(f"condition {self.input_key!r} must be class labels [B] (long), got "
-                                 f"{value.dtype} of shape {tuple(value.shape)}")
-        return {"tokens": self.table(value)[:, None, :]}
+        return {"tokens": super().embed(value)["vector"][:, None, :]}
 
 
 class Conditioner(nn.Module):
