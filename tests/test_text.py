@@ -196,3 +196,39 @@ def test_evaluate_scores_prompt_accuracy_on_held_out_templates(text_run, tmp_pat
         rows = evaluate(cfg)
     assert [r["guidance_scale"] for r in rows] == [0.0, 3.0]
     assert all(math.isfinite(r["fid"]) and 0.0 <= r["class_accuracy"] <= 1.0 for r in rows)
+
+
+def test_wordllama_vectors_know_that_seven_is_7():
+    pytest.importorskip("wordllama")
+    from difflab.models.text import wordllama_vectors
+
+    vectors = torch.nn.functional.normalize(wordllama_vectors(["seven", "7", "sneaker"]), dim=1)
+    assert vectors.shape == (3, 256)
+    assert vectors[0] @ vectors[1] > 0.5 > vectors[0] @ vectors[2]
+
+
+def test_frozen_word_vectors_bind_the_captions_words_and_travel_in_the_state():
+    pytest.importorskip("wordllama")
+    from difflab.models.text import FrozenWordVectors
+
+    tokenizer = WordTokenizer(Captions(DIGITS).vocabulary())
+    encoder = FrozenWordVectors(vocab_size=64, dim=16)
+    encoder.bind_vocabulary(tokenizer.words)
+    assert not encoder.vectors[:2].any() and encoder.vectors[2:tokenizer.vocab_size].abs().sum(1).gt(0).all()
+    assert not any(p.requires_grad for p in [encoder.vectors]) and encoder.project.weight.requires_grad
+    again = FrozenWordVectors(vocab_size=64, dim=16)
+    again.load_state_dict(encoder.state_dict())  # a checkpoint needs neither the extra nor the words
+    ids = tokenizer(["a handwritten seven", ""])
+    out, back = encoder.embed(ids), again.embed(ids)
+    torch.testing.assert_close(out["tokens"], back["tokens"])
+    assert not out["tokens"][1].any()  # the empty prompt: zero tokens, the dropped condition
+
+
+def test_wordllama_without_the_extra_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from difflab.models.text import TextExtraMissing, wordllama_vectors
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if the text extra were not installed
+    with pytest.raises(TextExtraMissing, match=r"pip install -e '\.\[text\]'"):
+        wordllama_vectors(["seven"])

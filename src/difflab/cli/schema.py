@@ -299,6 +299,7 @@ class TrainConfig:
     data: DataConfig = MISSING
     model: Any = MISSING  # each model option starts from its own schema (UNetConfig, AutoencoderSchema)
     first_stage: Any = None  # a FirstStageSchema node: identity | kl
+    text_encoder: Any = None  # text-to-image: the text encoder node the conditioner interpolates
     schedule: ScheduleConfig = MISSING
     objective: ObjectiveConfig = MISSING
     sampler: Any = MISSING

@@ -33,7 +33,7 @@ from difflab.training.checkpoint import CheckpointError, check_resume_compatible
 from difflab.training import precision, tracking
 from difflab.training.budget import StepBudget, ValidateAtEnd
 from difflab.models.first_stage import LatentSpace
-from difflab.models.text import check_vocabulary
+from difflab.models.text import TextExtraMissing, check_vocabulary
 from difflab.training.autoencoder import AutoencoderModule, ReconstructionProbe
 from difflab.training.first_stage import build_latent_space, cache_latents
 from difflab.training.module import DiffusionModule
@@ -148,7 +148,9 @@ def _diffusion_module(cfg: DictConfig, datamodule: Any, space: Optional[LatentSp
         if tokenizer is not None and embedder.input_key == task.input_key:
             try:
                 check_vocabulary(embedder, tokenizer.vocab_size)
-            except ValueError as error:
+                if hasattr(embedder, "bind_vocabulary"):  # frozen pretrained vectors for the captions' words
+                    embedder.bind_vocabulary(tokenizer.words)
+            except (ValueError, TextExtraMissing) as error:
                 raise schema.ConfigError(str(error)) from None
     decision = resolve_precision(cfg, net, datamodule, task)
     module = DiffusionModule(

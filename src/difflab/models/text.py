@@ -73,3 +73,80 @@ def check_vocabulary(encoder: Embedder, vocab_size: int) -> None:
     if getattr(encoder, "vocab_size", vocab_size) < vocab_size:
         raise ValueError(f"the captions' vocabulary has {vocab_size} ids (padding and unknown included) but the "
                          f"text encoder's vocab_size is {encoder.vocab_size}: raise model.conditioner's vocab_size")
+
+
+WORDLLAMA_FILES = ("weights/l2_supercat_256.safetensors", "tokenizers/l2_supercat_tokenizer_config.json")
+
+
+class TextExtraMissing(ImportError):
+    """The optional `text` extra (WordLlama) is not installed."""
+
+
+def wordllama_vectors(words: list[str]) -> Tensor:
+    """WordLlama's frozen 256-d token vectors for `words` [len(words), 256], float32: each word is
+    tokenized by WordLlama's own tokenizer and its token vectors averaged.
+
+    Both files ship inside the `wordllama` wheel (`pip install -e '.[text]'`), so nothing is
+    downloaded. They are read directly (safetensors and tokenizers): `WordLlama.load(...,
+    disable_download=True)` of wordllama 0.4.0 looks for its tokenizer in `tokenizer/` while the
+    wheel has it in `tokenizers/`, and then refuses to download it.
+    """
+    try:
+        import importlib.resources
+
+        from safetensors import safe_open
+        from tokenizers import Tokenizer
+
+        root = importlib.resources.files("wordllama")
+    except ImportError as error:  # wordllama or one of its dependencies
+        raise TextExtraMissing("text_encoder=wordllama needs the optional text extra: pip install -e '.[text]' "
+                               "(wordllama ships its 32,000 x 256 vectors in its 19 MB wheel; nothing is downloaded "
+                               f"at run time). ({error})") from error
+    weights, tokenizer_file = (root / name for name in WORDLLAMA_FILES)
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    with safe_open(str(weights), framework="pt", device="cpu") as handle:
+        table = handle.get_tensor("embedding.weight").float()
+    rows = []
+    for word in words:
+        ids = tokenizer.encode(word, add_special_tokens=False).ids
+        rows.append(table[ids].mean(dim=0) if ids else table.new_zeros(table.shape[1]))
+    return torch.stack(rows)
+
+
+class FrozenWordVectors(Embedder):
+    """Frozen pretrained word vectors (WordLlama's), a trained projection to ``dim`` and learned
+    positions: the text encoder of `text_encoder=wordllama`.
+
+    The table is a persistent buffer of ``vocab_size`` rows, zeros until ``bind_vocabulary``
+    fills the rows of the captions' words (difflab-train does, from the tokenizer); it travels
+    in every checkpoint, so sampling needs neither the extra nor the vocabulary again. Padding
+    (id 0) and unknown words (id 1) keep zero vectors.
+    """
+
+    def __init__(self, vocab_size: int = 128, dim: int = 64, source_dim: int = 256, max_length: int = 16,
+                 input_key: str = "text", p_drop: float = 0.1) -> None:
+        super().__init__(input_key, p_drop, trainable=True)
+        self.vocab_size, self.dim, self.max_length = vocab_size, dim, max_length
+        self.register_buffer("vectors", torch.zeros(vocab_size, source_dim), persistent=True)
+        self.project = nn.Linear(source_dim, dim)
+        self.positions = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+
+    def bind_vocabulary(self, words: list[str]) -> None:
+        """Fill the table from WordLlama for the tokenizer's `words` (ids 0 and 1 stay zero)."""
+        check_vocabulary(self, len(words))
+        vectors = wordllama_vectors(list(words[2:]))
+        self.vectors.zero_()
+        self.vectors[2:len(words)] = vectors.to(self.vectors)
+
+    def sizes(self) -> dict[str, int]:
+        return {"tokens": self.dim}
+
+    def embed(self, ids: Tensor) -> dict[str, Tensor]:
+        _check_ids(self.input_key, ids)
+        if ids.shape[1] > self.max_length:
+            raise ConditionError(f"condition {self.input_key!r} has {ids.shape[1]} tokens; the encoder takes at "
+                                 f"most max_length={self.max_length}")
+        mask = ids != 0
+        tokens = self.project(self.vectors[ids]) + self.positions[: ids.shape[1]]
+        # Padding and the empty prompt are zero tokens, the dropped condition (as TextTransformer's).
+        return {"tokens": tokens * mask[..., None].to(tokens.dtype), "token_mask": mask}
