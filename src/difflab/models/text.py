@@ -14,15 +14,27 @@ from torch import Tensor, nn
 from difflab.models.conditioning import ConditionError, Embedder
 
 
-def _check_ids(key: str, ids: Tensor) -> None:
-    # Shapes only: a value check would wait on the device at every sampler step. The vocabulary
-    # is checked once against the tokenizer's (difflab-train: `check_vocabulary`).
-    if ids.ndim != 2 or ids.dtype != torch.long:
-        raise ConditionError(f"condition {key!r} must be word ids [B, L] (long), got {ids.dtype} of shape "
-                             f"{tuple(ids.shape)}")
+class WordEncoder(Embedder):
+    """What both text encoders share: ``dim``-wide tokens of at most ``max_length`` word ids."""
+
+    dim: int
+    max_length: int
+
+    def sizes(self) -> dict[str, int]:
+        return {"tokens": self.dim}
+
+    def check_ids(self, ids: Tensor) -> None:
+        # Shapes only: a value check would wait on the device at every sampler step. The
+        # vocabulary is checked once against the tokenizer's (difflab-train: `check_vocabulary`).
+        if ids.ndim != 2 or ids.dtype != torch.long:
+            raise ConditionError(f"condition {self.input_key!r} must be word ids [B, L] (long), got {ids.dtype} of "
+                                 f"shape {tuple(ids.shape)}")
+        if ids.shape[1] > self.max_length:
+            raise ConditionError(f"condition {self.input_key!r} has {ids.shape[1]} tokens; the encoder takes at "
+                                 f"most max_length={self.max_length}")
 
 
-class TextTransformer(Embedder):
+class TextTransformer(WordEncoder):
     """Word embeddings + learned positions -> ``depth`` pre-norm transformer layers -> LayerNorm.
 
     Args:
@@ -48,14 +60,8 @@ class TextTransformer(Embedder):
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
-    def sizes(self) -> dict[str, int]:
-        return {"tokens": self.dim}
-
     def embed(self, ids: Tensor) -> dict[str, Tensor]:
-        _check_ids(self.input_key, ids)
-        if ids.shape[1] > self.max_length:
-            raise ConditionError(f"condition {self.input_key!r} has {ids.shape[1]} tokens; the encoder takes at "
-                                 f"most max_length={self.max_length}")
+        self.check_ids(ids)
         mask = ids != 0
         has_words = mask.any(dim=1)
         # A prompt with no word at all (the empty prompt) would leave the transformer nothing to
@@ -113,7 +119,7 @@ def wordllama_vectors(words: list[str]) -> Tensor:
     return torch.stack(rows)
 
 
-class FrozenWordVectors(Embedder):
+class FrozenWordVectors(WordEncoder):
     """Frozen pretrained word vectors (WordLlama's), a trained projection to ``dim`` and learned
     positions: the text encoder of `text_encoder=wordllama`.
 
@@ -138,14 +144,8 @@ class FrozenWordVectors(Embedder):
         self.vectors.zero_()
         self.vectors[2:len(words)] = vectors.to(self.vectors)
 
-    def sizes(self) -> dict[str, int]:
-        return {"tokens": self.dim}
-
     def embed(self, ids: Tensor) -> dict[str, Tensor]:
-        _check_ids(self.input_key, ids)
-        if ids.shape[1] > self.max_length:
-            raise ConditionError(f"condition {self.input_key!r} has {ids.shape[1]} tokens; the encoder takes at "
-                                 f"most max_length={self.max_length}")
+        self.check_ids(ids)
         mask = ids != 0
         tokens = self.project(self.vectors[ids]) + self.positions[: ids.shape[1]]
         # Padding and the empty prompt are zero tokens, the dropped condition (as TextTransformer's).
