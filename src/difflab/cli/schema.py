@@ -581,13 +581,7 @@ def build_checked(key: str, node: Any, **kwargs: Any) -> Any:
 def check_sampler(node: Any, num_timesteps: int) -> None:
     """Build the sampler once: its constructor checks its own knobs (and names them); the
     step count of a discrete-time sampler must also fit the schedule's T."""
-    from hydra.utils import instantiate  # the CLI layer owns Hydra
-
-    try:
-        sampler = instantiate(node)
-    except Exception as error:  # noqa: BLE001 - Hydra wraps the constructor's ValueError
-        cause = error.__cause__ or error
-        raise ConfigError(f"sampler: {cause}") from error
+    sampler = build_checked("sampler", node)
     steps = getattr(sampler, "steps", None)
     discrete = hasattr(sampler, "spacing") and getattr(sampler, "spacing") in ("leading", "trailing", "linspace")
     if discrete and steps is not None and not 1 <= steps <= num_timesteps:

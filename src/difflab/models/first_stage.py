@@ -63,6 +63,13 @@ class LatentSpace(nn.Module):
         return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
     @torch.no_grad()
+    def moments_of(self, images: Tensor, batch_size: int = 500) -> Tensor:
+        """``moments`` of a whole split, encoded in batches on this module's device (CPU result)."""
+        device = self.scale_factor.device
+        parts = [self.moments(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+        return torch.cat(parts) if parts else images.new_zeros((0, 2 * self.latent_shape[0], *self.latent_shape[1:]))
+
+    @torch.no_grad()
     def encode(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         return self.sample(self.moments(images), generator)
 
@@ -74,10 +81,8 @@ class LatentSpace(nn.Module):
     @torch.no_grad()
     def fit_scale(self, images: Tensor, batch_size: int = 500, seed: int = 0) -> float:
         """Set s = 1 / std over the latents of all `images` (posterior samples, seeded)."""
-        generator = torch.Generator(device=self.scale_factor.device).manual_seed(seed)
         self.scale_factor.fill_(1.0)
-        latents = torch.cat([self.encode(images[i:i + batch_size].to(self.scale_factor.device), generator).cpu()
-                             for i in range(0, len(images), batch_size)])
+        latents = self.sample(self.moments_of(images, batch_size), torch.Generator().manual_seed(seed))
         std = latents.double().std().item()
         if not std > 0:
             raise ValueError("the autoencoder maps every training image to the same latent: it is not trained")

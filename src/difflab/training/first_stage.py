@@ -86,13 +86,7 @@ def build_latent_space(spec: dict[str, Any], datamodule: Any, resume: Optional[s
 def cache_latents(space: LatentSpace, datamodule: Any, batch_size: int = 500) -> None:
     """Encode both splits once; the loaders then serve scaled posterior moments (see
     `LatentSpace.moments`), from which each training step draws its latents."""
-    encoded = {}
-    for split in ("train", "val"):
-        images = datamodule.split(split).images
-        parts = [space.moments(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-        encoded[split] = torch.cat(parts) if parts else images.new_zeros((0, 2 * space.latent_shape[0],
-                                                                          *space.latent_shape[1:]))
-    datamodule.serve(encoded["train"], encoded["val"])
+    datamodule.serve(*(space.moments_of(datamodule.split(split).images, batch_size) for split in ("train", "val")))
 
 
 def is_latent(run_config: dict[str, Any]) -> bool:
