@@ -6,6 +6,11 @@ numeral for digits), drawn anew every time the image is seen; *held-out* templat
 used only to evaluate whether the model understood the words rather than the sentences.
 The vocabulary is every word of every template and class name, so held-out prompts are
 made of known words in new orders and combinations.
+
+``style="class_word"`` captions every image with its class word alone ("seven"), in both splits:
+with a one-layer-free encoder (``text_encoder=class_tokens``) the condition is then one learned
+token per class, the check that attending to a class token conditions as well as adding a class
+vector to the time embedding.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ DIGIT_HELD_OUT_TEMPLATES = ("a drawing of the number {numeral}", "handwritten di
 OBJECT_TRAIN_TEMPLATES = ("a {word}", "a photo of a {word}", "a picture of a {word}", "an image of a {word}",
                           "the {word}", "{word}")
 OBJECT_HELD_OUT_TEMPLATES = ("a photo of the {word}", "an image of the {word}")
+CLASS_WORD_TEMPLATES = ("{word}",)
+CAPTION_STYLES = ("templates", "class_word")
 PAD, UNKNOWN = "<pad>", "<unk>"
 
 
@@ -37,7 +44,9 @@ class Captions:
     """Captions for the classes of a dataset: digits get words and numerals, other datasets
     (Fashion-MNIST, CIFAR-10, folders) their class names."""
 
-    def __init__(self, class_names: Sequence[str], digits: Optional[bool] = None) -> None:
+    def __init__(self, class_names: Sequence[str], digits: Optional[bool] = None, style: str = "templates") -> None:
+        if style not in CAPTION_STYLES:
+            raise ValueError(f"unknown caption style {style!r}; allowed: {', '.join(CAPTION_STYLES)}")
         names = [str(n).lower().replace("_", " ") for n in class_names]
         numerals = len(names) <= len(DIGIT_WORDS) and names == [str(i) for i in range(len(names))]
         self.digits = digits if digits is not None else numerals or names == list(DIGIT_WORDS[: len(names)])
@@ -46,6 +55,9 @@ class Captions:
         self.class_words = list(DIGIT_WORDS[: len(names)]) if self.digits else names
         self.train_templates = DIGIT_TRAIN_TEMPLATES if self.digits else OBJECT_TRAIN_TEMPLATES
         self.held_out_templates = DIGIT_HELD_OUT_TEMPLATES if self.digits else OBJECT_HELD_OUT_TEMPLATES
+        if style == "class_word":
+            self.train_templates = self.held_out_templates = CLASS_WORD_TEMPLATES
+        self.style = style
 
     @property
     def num_classes(self) -> int:

@@ -40,7 +40,8 @@ class TextTransformer(WordEncoder):
     Args:
         vocab_size: rows of the word table (at least the tokenizer's vocabulary, padding included).
         dim: token width (the cross-attention's context dim).
-        depth, heads: transformer layers and attention heads.
+        depth, heads: transformer layers and attention heads. ``depth=0`` leaves word vectors +
+            positions + LayerNorm: with one-word captions, one learned token per class.
         max_length: the longest sequence (learned positions).
         input_key: the condition dict's key holding the ids.
         p_drop: condition dropout for classifier-free guidance (a dropped prompt is zero tokens,
@@ -57,7 +58,9 @@ class TextTransformer(WordEncoder):
         self.positions = nn.Parameter(torch.randn(max_length, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True,
                                            norm_first=True, activation="gelu")
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        if depth < 0:
+            raise ValueError(f"TextTransformer depth={depth} must be >= 0")
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False) if depth else None
         self.norm = nn.LayerNorm(dim)
 
     def embed(self, ids: Tensor) -> dict[str, Tensor]:
@@ -70,7 +73,9 @@ class TextTransformer(WordEncoder):
         attend = mask.clone()
         attend[:, 0] |= ~has_words
         h = self.words(ids) + self.positions[: ids.shape[1]]
-        h = self.norm(self.encoder(h, src_key_padding_mask=~attend))
+        if self.encoder is not None:
+            h = self.encoder(h, src_key_padding_mask=~attend)
+        h = self.norm(h)
         return {"tokens": h * has_words[:, None, None].to(h.dtype), "token_mask": mask}
 
 

@@ -101,15 +101,18 @@ class TextToImage:
     """Condition ``{input_key: word ids [B, L]}`` of one caption per image (text-to-image).
 
     ``class_names``: the data's classes (difflab-train fills them in from the data, so the
-    run config rebuilds the vocabulary); ``max_length``: the longest caption in words.
+    run config rebuilds the vocabulary); ``max_length``: the longest caption in words;
+    ``captions``: ``templates`` (sentences) or ``class_word`` (the class word alone, see
+    ``data.captions``).
     """
 
     kind = "text"
 
-    def __init__(self, class_names: Optional[list[str]] = None, max_length: int = 16, input_key: str = "text") -> None:
+    def __init__(self, class_names: Optional[list[str]] = None, max_length: int = 16, input_key: str = "text",
+                 captions: str = "templates") -> None:
         if not class_names:
             raise ValueError("TextToImage needs the data's class_names (difflab-train fills them in from the data)")
-        self.captions = Captions(class_names)
+        self.captions = Captions(class_names, style=captions)
         self.tokenizer = WordTokenizer(self.captions.vocabulary(), max_length)
         self.class_names, self.input_key = list(class_names), input_key
         # Every training caption tokenized once, [classes, templates, L]: a batch's captions are then
