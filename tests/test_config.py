@@ -34,13 +34,18 @@ def test_every_group_has_options():
 def test_option_composes_and_validates(group, option):
     extra = {("data", "folder"): ["data.path=/nonexistent"],
              ("guidance", "cfg"): ["model.num_classes=10"],
-             ("model", "autoencoder_kl"): ["stage=autoencoder"]}.get((group, option), [])
+             ("model", "autoencoder_kl"): ["stage=autoencoder"],
+             ("objective", "velocity"): ["schedule=flow"]}.get((group, option), [])
     cfg = _compose([f"{group}={option}", *extra])
     schema.validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     # The cheap object-building nodes really build.
     if group == "schedule":
         assert instantiate(cfg.schedule).num_timesteps == cfg.schedule.num_timesteps
+    if group in ("density", "weighting"):
+        from difflab.diffusion import DENSITIES, WEIGHTINGS
+
+        assert type(instantiate(cfg[group])) is {**DENSITIES, **WEIGHTINGS}[option]
     if group == "sampler":
         from difflab.diffusion.samplers import SAMPLERS
 

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from difflab.diffusion.losses import OBJECTIVES, diffusion_loss, min_snr_weight, training_target
+from difflab.diffusion.density import LogNormal
+from difflab.diffusion.losses import diffusion_loss, min_snr_weight, training_target
+from difflab.diffusion.weighting import MinSNR
+
+OBJECTIVES = ("eps", "x0", "v")  # the VP targets; the preconditioned outputs: tests/test_paths.py
 from difflab.diffusion.process import predict_eps_from_x0, predict_x0_from_eps, v_from_x0_eps
 from difflab.diffusion.schedule import NoiseSchedule, extract
 
@@ -29,7 +33,7 @@ def consistent_net(objective, x0_hat):
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
-@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+@pytest.mark.parametrize("weighting", [None, MinSNR()])
 def test_exact_prediction_gives_zero_loss(objective, weighting):
     x0, t, noise = batch()
     net = consistent_net(objective, x0)
@@ -118,54 +122,46 @@ def test_min_snr_weighting_is_the_same_x0_loss_for_every_objective():
         net = consistent_net(objective, x0_hat)
         return diffusion_loss(SCHEDULE, net, x0, objective=objective, t=t, noise=noise, **kwargs).item()
 
-    weighted = {objective: loss(objective, weighting="min_snr") for objective in OBJECTIVES}
+    weighted = {objective: loss(objective, weighting=MinSNR()) for objective in OBJECTIVES}
     assert weighted["eps"] == pytest.approx(weighted["x0"], rel=1e-3)
     assert weighted["v"] == pytest.approx(weighted["x0"], rel=1e-3)
     unweighted = [loss(objective) for objective in OBJECTIVES]
     assert len({round(v, 3) for v in unweighted}) == 3
-    smaller_gamma = loss("x0", weighting="min_snr", min_snr_gamma=1.0)
+    smaller_gamma = loss("x0", weighting=MinSNR(gamma=1.0))
     assert smaller_gamma < weighted["x0"]
 
 
 def test_bad_objective_and_weighting():
     x0, t, noise = batch()
     net = lambda xt, tt, cond: xt  # noqa: E731
-    with pytest.raises(ValueError, match="'score'.*eps, x0, v"):
+    with pytest.raises(ValueError, match="'score'.*eps, x0, v, velocity, edm"):
         diffusion_loss(SCHEDULE, net, x0, objective="score")
-    with pytest.raises(ValueError, match="'snr'.*none, min_snr"):
-        diffusion_loss(SCHEDULE, net, x0, weighting="snr")
+    with pytest.raises(ValueError, match="velocity.*schedule=flow"):
+        diffusion_loss(SCHEDULE, net, x0, objective="velocity")
     with pytest.raises(ValueError, match="eps, x0, v"):
         training_target(SCHEDULE, "epsilon", x0, t, noise)
-    with pytest.raises(ValueError, match="min_snr_gamma"):
-        diffusion_loss(SCHEDULE, net, x0, weighting="min_snr", min_snr_gamma=0.0)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        MinSNR(gamma=0.0)
 
 
-def test_logsnr_normal_timesteps_follow_the_density_and_uniform_stays_uniform():
-    from difflab.diffusion.losses import sample_timesteps
-
+def test_lognormal_density_lands_on_the_nearest_timestep_in_log_sigma():
     schedule = NoiseSchedule("cosine", num_timesteps=1000)
-    t = sample_timesteps(schedule, 50_000, density="logsnr_normal", logsnr_mean=1.0, logsnr_std=2.0,
-                         generator=torch.Generator().manual_seed(0))
+    # EDM's density in VP terms: log SNR = -2 log sigma ~ N(-2 p_mean, 2 p_std).
+    t, sigma = LogNormal(p_mean=-0.5, p_std=1.0).timesteps(schedule, 50_000, generator=torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < 1000
     log_snr = schedule.log_snr[t]
     assert abs(float(log_snr.mean()) - 1.0) < 0.05 and abs(float(log_snr.std()) - 2.0) < 0.05
-    # Each draw lands on the timestep whose log-SNR is nearest: no neighbour is closer.
-    generator = torch.Generator().manual_seed(1)
-    noise = torch.randn(3, generator=torch.Generator().manual_seed(1))
-    picked = sample_timesteps(schedule, 3, density="logsnr_normal", logsnr_mean=0.0, logsnr_std=1.0,
-                              generator=generator)
-    for value, step in zip(noise, picked):
-        distances = (schedule.log_snr - value).abs()
+    assert torch.equal(sigma, schedule.sigmas[t])
+    # Each draw lands on the timestep whose log sigma is nearest: no neighbour is closer.
+    density = LogNormal(p_mean=0.0, p_std=1.0)
+    raw = density.sigmas(schedule, 3, generator=torch.Generator().manual_seed(1))
+    picked, _ = density.timesteps(schedule, 3, generator=torch.Generator().manual_seed(1))
+    for value, step in zip(raw, picked):
+        distances = (schedule.sigmas.double().log() - value.log()).abs()
         assert distances[step] == distances.min()
-    uniform = sample_timesteps(schedule, 50_000, generator=torch.Generator().manual_seed(0))
-    assert abs(float(uniform.float().mean()) - 499.5) < 5
-    with pytest.raises(ValueError, match="uniform, logsnr_normal"):
-        sample_timesteps(schedule, 4, density="lognormal")
 
 
 def test_the_training_density_reaches_the_loss():
-    from difflab.diffusion.losses import diffusion_loss as loss_fn
-
     schedule = NoiseSchedule("cosine", num_timesteps=1000)
     seen = []
 
@@ -174,6 +170,6 @@ def test_the_training_density_reaches_the_loss():
         return torch.zeros_like(xt)
 
     x0 = torch.zeros(4096, 1, 2, 2)
-    loss_fn(schedule, net, x0, timesteps="logsnr_normal", logsnr_mean=6.0, logsnr_std=0.5)
-    loss_fn(schedule, net, x0)
-    assert seen[0].float().mean() < 200 < seen[1].float().mean()  # high log-SNR: early timesteps
+    diffusion_loss(schedule, net, x0, density=LogNormal(p_mean=-3.0, p_std=0.25))
+    diffusion_loss(schedule, net, x0)
+    assert seen[0].float().mean() < 200 < seen[1].float().mean()  # low sigma: early timesteps

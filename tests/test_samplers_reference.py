@@ -299,7 +299,7 @@ def edm_range(schedule):
 def test_euler_matches_diffusers(objective, net_name, steps):
     schedule = SCHEDULES["linear"]
     net = model(net_name, schedule, objective)
-    sampler = EulerSampler(steps=steps)
+    sampler = EulerSampler(steps=steps, sigma_max=sigma_range(schedule)[1])  # diffusers starts at the top
     scheduler = configure(EulerDiscreteScheduler, schedule, objective, use_karras_sigmas=True,
                           **edm_range(schedule))
     scheduler.set_timesteps(steps)
@@ -329,7 +329,7 @@ def test_euler_sigma_max_override_matches_diffusers():
 def test_heun_matches_diffusers(objective, net_name, kind, steps):
     schedule = SCHEDULES[kind]
     net = model(net_name, schedule, objective)
-    sampler = HeunSampler(steps=steps)
+    sampler = HeunSampler(steps=steps, sigma_max=sigma_range(schedule)[1])  # diffusers starts at the top
     scheduler = configure(HeunDiscreteScheduler, schedule, objective, use_karras_sigmas=True)
     # Its constructor has no sigma_min/sigma_max, but its Karras grid reads them from the config.
     scheduler.register_to_config(**edm_range(schedule))

@@ -411,7 +411,7 @@ def test_network_calls_grid_and_last_steps(linear):
     x_T = torch.randn(32, 3, generator=seeded(10))
     lo, hi = sigma_range(linear)
 
-    euler = EulerSampler(steps=12)
+    euler = EulerSampler(steps=12, sigma_max=hi)  # from the schedule's own top (default: EDM's 80)
     x, trajectory = euler.sample(denoiser, linear, x_T=x_T, return_trajectory=True)
     assert denoiser.net.calls == 12 and len(trajectory) == 12 and torch.equal(trajectory[-1], x)
     # The first call sees x = sigma_max x_T through c_in, at the last timestep.
@@ -421,7 +421,7 @@ def test_network_calls_grid_and_last_steps(linear):
     assert seen[1].dtype == torch.float32  # fractional timesteps between table entries
 
     denoiser.net.calls = 0
-    heun = HeunSampler(steps=12)
+    heun = HeunSampler(steps=12, sigma_max=hi)
     x, trajectory = heun.sample(denoiser, linear, x_T=x_T, return_trajectory=True)
     assert denoiser.net.calls == 2 * 12 - 1
     # Heun's last step (onto sigma = 0) is an Euler step, which there returns D.
@@ -447,10 +447,10 @@ def test_network_calls_grid_and_last_steps(linear):
 
 def test_dpm_solver_grids(linear):
     lo, hi = sigma_range(linear)
-    logsnr = DPMSolverPPSampler(steps=9).sigmas_for(linear)
-    assert logsnr[-1] == 0 and math.isclose(logsnr[0], hi) and math.isclose(logsnr[-2], lo)
+    logsnr = DPMSolverPPSampler(steps=9).sigmas_for(linear)  # from EDM's 80 (linear's own top is ~157)
+    assert hi > 80 and logsnr[-1] == 0 and math.isclose(logsnr[0], 80.0) and math.isclose(logsnr[-2], lo)
     assert torch.allclose(logsnr[:-1].log().diff(), logsnr[:-1].log().diff()[0].expand(8))  # r = 1
-    karras = DPMSolverPPSampler(steps=9, spacing="karras").sigmas_for(linear)
+    karras = DPMSolverPPSampler(steps=9, spacing="karras", sigma_max=hi).sigmas_for(linear)
     assert torch.allclose(karras[:-1], karras_sigmas(9, lo, hi))
     capped = DPMSolverPPSampler(steps=9, sigma_max=80.0, sigma_min=0.02).sigmas_for(linear)
     assert capped[0] == 80.0 and capped[-2] == 0.02 and capped[-1] == 0

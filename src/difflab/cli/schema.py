@@ -15,7 +15,11 @@ from hydra.core.config_store import ConfigStore
 from hydra_zen import builds
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from difflab.diffusion import density as densities
+from difflab.diffusion import weighting as weightings
+from difflab.diffusion.parameterization import OUTPUTS
 from difflab.diffusion.restoration import METHODS as TRAINING_FREE_METHODS
+from difflab.diffusion.schedule import PATHS
 from difflab.models.autoencoder import AutoencoderKL
 from difflab.training.autoencoder import AutoencoderModule
 from difflab.training.first_stage import first_stage_spec
@@ -32,6 +36,8 @@ AutoencoderLossSchema = builds(AutoencoderModule, populate_full_signature=True, 
                                zen_exclude=("net", "run_config", "channels_last", "lr", "betas", "weight_decay",
                                             "warmup_steps", "lr_schedule", "min_lr_ratio"))
 FirstStageSchema = builds(first_stage_spec, populate_full_signature=True, zen_dataclass={"cls_name": "FirstStage"})
+DENSITY_SCHEMAS = {name: builds(cls, populate_full_signature=True) for name, cls in densities.DENSITIES.items()}
+WEIGHTING_SCHEMAS = {name: builds(cls, populate_full_signature=True) for name, cls in weightings.WEIGHTINGS.items()}
 
 
 class ConfigError(ValueError):
@@ -115,9 +121,16 @@ class ScheduleConfig:
     sigmoid_end: float = 3.0
     sigmoid_tau: float = 1.0
     max_beta: float = 0.999
+    sigma_min: float = 0.002  # flow / edm: the table's lowest VE noise level
+    sigma_max: float = 80.0  # flow / edm: the table's highest
+    sigma_data: Optional[float] = None  # the data's std (EDM); null: measured by difflab-train
 
     def validate(self, key: str) -> None:
-        _check(self.kind in ("linear", "cosine", "sigmoid"), f"{key}.kind", self.kind, "linear, cosine or sigmoid")
+        _check(self.kind in PATHS, f"{key}.kind", self.kind, ", ".join(PATHS))
+        _check(0.0 < self.sigma_min < self.sigma_max, f"{key}.sigma_min/sigma_max", (self.sigma_min, self.sigma_max),
+               "0 < sigma_min < sigma_max")
+        _check(self.sigma_data is None or self.sigma_data > 0, f"{key}.sigma_data", self.sigma_data,
+               "a number > 0 or null (measured from the training data)")
         _check(self.num_timesteps >= 2, f"{key}.num_timesteps", self.num_timesteps, "an integer >= 2")
         _check(0.0 < self.beta_start < self.beta_end < 1.0, f"{key}.beta_start/beta_end",
                (self.beta_start, self.beta_end), "0 < beta_start < beta_end < 1")
@@ -130,19 +143,9 @@ class ScheduleConfig:
 @dataclass
 class ObjectiveConfig:
     prediction: str = "eps"
-    weighting: str = "none"
-    min_snr_gamma: float = 5.0
-    timesteps: str = "uniform"
-    logsnr_mean: float = 2.0
-    logsnr_std: float = 2.4
 
     def validate(self, key: str) -> None:
-        _check(self.prediction in ("eps", "x0", "v"), f"{key}.prediction", self.prediction, "eps, x0 or v")
-        _check(self.timesteps in ("uniform", "logsnr_normal", "last"), f"{key}.timesteps", self.timesteps,
-               "uniform, logsnr_normal or last")
-        _check(self.logsnr_std > 0, f"{key}.logsnr_std", self.logsnr_std, "a number > 0")
-        _check(self.weighting in ("none", "min_snr"), f"{key}.weighting", self.weighting, "none or min_snr")
-        _check(self.min_snr_gamma > 0, f"{key}.min_snr_gamma", self.min_snr_gamma, "a number > 0")
+        _check(self.prediction in OUTPUTS, f"{key}.prediction", self.prediction, ", ".join(OUTPUTS))
 
 
 def _check_steps(key: str, steps: Optional[int], schedule: ScheduleConfig) -> None:
@@ -302,6 +305,8 @@ class TrainConfig:
     text_encoder: Any = None  # text-to-image: the text encoder node the conditioner interpolates
     schedule: ScheduleConfig = MISSING
     objective: ObjectiveConfig = MISSING
+    density: Any = None  # a DENSITY_SCHEMAS node: uniform | lognormal | logit_normal | last
+    weighting: Any = None  # a WEIGHTING_SCHEMAS node: simplified | min_snr | soft_min_snr | p2 | edm | uncertainty
     sampler: Any = MISSING
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     trainer: TrainerConfig = MISSING
@@ -522,6 +527,10 @@ def register() -> None:
     cs.store(group="first_stage", name="schema", node=FirstStageSchema)
     cs.store(group="schedule", name="schema", node=ScheduleConfig)
     cs.store(group="objective", name="schema", node=ObjectiveConfig)
+    for name, node in DENSITY_SCHEMAS.items():
+        cs.store(group="density", name=f"{name}_schema", node=node)
+    for name, node in WEIGHTING_SCHEMAS.items():
+        cs.store(group="weighting", name=f"{name}_schema", node=node)
     cs.store(group="sampler", name="ddpm_schema", node=DDPMSamplerConfig)
     cs.store(group="sampler", name="ddim_schema", node=DDIMSamplerConfig)
     cs.store(group="sampler", name="karras_schema", node=KarrasSamplerConfig)
@@ -543,6 +552,12 @@ def validate(cfg: DictConfig) -> None:
         if hasattr(node, "validate"):
             node.validate(key)
     _check(0.0 <= cfg.p_uncond < 1.0, "p_uncond", cfg.p_uncond, "a number in [0, 1)")
+    if cfg.objective.prediction == "velocity" and schedule.kind != "flow":
+        raise ConfigError(f"objective=velocity is the rectified-flow field and needs schedule=flow, not "
+                          f"schedule={schedule.kind}: use objective=v (or eps, x0, edm) on this path.")
+    for key in ("density", "weighting"):  # their constructors check their own ranges
+        if cfg.get(key) is not None:
+            build_checked(key, cfg[key])
     _check(cfg.get("stage", "diffusion") in STAGES, "stage", cfg.get("stage"), " or ".join(STAGES))
     model_is_unet = isinstance(obj(cfg.model), UNetConfig)
     if (cfg.get("stage", "diffusion") == "diffusion") != model_is_unet:

@@ -153,14 +153,28 @@ def _diffusion_module(cfg: DictConfig, datamodule: Any, space: Optional[LatentSp
             except (ValueError, TextExtraMissing) as error:
                 raise schema.ConfigError(str(error)) from None
     decision = resolve_precision(cfg, net, datamodule, task)
+    if cfg.schedule.get("sigma_data") is None:  # EDM's sigma_data, measured once and written to config.yaml
+        OmegaConf.update(cfg, "schedule.sigma_data", _sigma_data(datamodule, space))
     module = DiffusionModule(
         net, instantiate(cfg.schedule), instantiate(cfg.sampler),
-        **_hydra.plain(cfg.objective), **_hydra.plain(cfg.optim), channels_last=cfg.channels_last, compile=cfg.compile,
+        **_hydra.plain(cfg.objective), **_hydra.plain(cfg.optim),
+        density=schema.build_checked("density", cfg.density) if cfg.get("density") else None,
+        weighting=schema.build_checked("weighting", cfg.weighting) if cfg.get("weighting") else None, channels_last=cfg.channels_last, compile=cfg.compile,
         p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
         task=task, first_stage=space, latents_cached=bool(space is not None and datamodule.serves_other_inputs),
         run_config=_hydra.plain(cfg),
     )
     return module, decision
+
+
+def _sigma_data(datamodule: Any, space: Optional[LatentSpace]) -> float:
+    """The std of what the diffusion model learns: the training images, or 1 for a first stage's
+    latents (its scale factor makes them std 1, `LatentSpace.fit_scale`)."""
+    if space is not None:
+        return 1.0
+    std = float(datamodule.split("train").images.float().std())
+    log.info("schedule.sigma_data = %.4f (the std of the %d training images)", std, len(datamodule.split("train")))
+    return round(std, 4)
 
 
 def _autoencoder_module(cfg: DictConfig, datamodule: Any) -> tuple[AutoencoderModule, precision.Decision]:

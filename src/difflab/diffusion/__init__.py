@@ -3,7 +3,9 @@ the denoiser wrapper and samplers. Imports neither Lightning nor Hydra."""
 
 from .degradation import Downsample, Inpaint, Operator, make_keep
 from .denoiser import CallCounter, Denoiser
-from .losses import OBJECTIVES, WEIGHTINGS, diffusion_loss, min_snr_weight, training_target
+from .density import DENSITIES, Density, Last, LogitNormal, LogNormal, Uniform
+from .losses import OBJECTIVES, diffusion_loss, min_snr_weight, training_target
+from .parameterization import OUTPUTS, coefficients
 from .process import (
     predict_eps_from_v,
     predict_eps_from_x0,
@@ -33,8 +35,25 @@ from .samplers import (
 from .restoration import Restoration
 from .schedule import BETA_SCHEDULES, NoiseSchedule, beta_schedule, extract
 from .sigma import SigmaDenoiser, karras_sigmas, sigma_range, sigma_to_t, t_to_sigma
+from .weighting import WEIGHTINGS, EDMWeight, MinSNR, P2, Simplified, SoftMinSNR, Uncertainty, Weighting
 
 __all__ = [
+    "DENSITIES",
+    "OUTPUTS",
+    "PATHS",
+    "Density",
+    "EDMWeight",
+    "Last",
+    "LogNormal",
+    "LogitNormal",
+    "MinSNR",
+    "P2",
+    "Simplified",
+    "SoftMinSNR",
+    "Uncertainty",
+    "Uniform",
+    "Weighting",
+    "coefficients",
     "CallCounter",
     "BETA_SCHEDULES",
     "OBJECTIVES",

@@ -1,7 +1,9 @@
 """One wrapper that turns a trained network into whatever prediction a sampler needs.
 
 A network trained with objective ``"eps"``, ``"x0"`` or ``"v"`` predicts one of three
-quantities that, given x_t, determine each other (see ``process``). Samplers ask the
+quantities that, given x_t, determine each other (see ``process``); ``"velocity"`` (flow path)
+and ``"edm"`` are preconditioned outputs (``parameterization``), and on the continuous paths
+the network's input is the path's own x_t rather than the VP variable the samplers step. Samplers ask the
 ``Denoiser`` for eps and/or x_0 and never learn which objective was trained. Anything
 with the signature ``net(x, t, cond)`` can be wrapped, including a guidance wrapper
 around another network.
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .losses import OBJECTIVES
+from .parameterization import check_output, coefficients
 from .process import (
     predict_eps_from_v,
     predict_eps_from_x0,
@@ -22,7 +24,7 @@ from .process import (
     predict_x0_from_v,
     v_from_x0_eps,
 )
-from .schedule import NoiseSchedule
+from .schedule import BETA_SCHEDULES, NoiseSchedule, extract
 
 Network = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -41,9 +43,7 @@ class Denoiser:
 
     def __init__(self, net: Network, schedule: NoiseSchedule, objective: str = "eps",
                  clip_range: float | None = 1.0) -> None:
-        if objective not in OBJECTIVES:
-            allowed = ", ".join(OBJECTIVES)
-            raise ValueError(f"unknown objective {objective!r}; allowed objectives: {allowed}")
+        check_output(schedule, objective)
         self.net = net
         self.schedule = schedule
         self.objective = objective
@@ -76,6 +76,8 @@ class Denoiser:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x_0) predicted from x_t with one network call."""
         t = self._batch_timesteps(x, t)
+        if self.schedule.kind not in BETA_SCHEDULES or self.objective not in ("eps", "x0", "v"):
+            return self._predict_preconditioned(x, t, cond)
         out = self.raw(x, t, cond)
         if self.objective == "eps":
             eps, x0 = out, predict_x0_from_eps(self.schedule, x, t, out)
@@ -86,6 +88,18 @@ class Denoiser:
             x0 = predict_x0_from_v(self.schedule, x, t, out)
         # The float32 schedule coefficients would promote a bf16 x; hand back x's dtype.
         return eps.to(x.dtype), x0.to(x.dtype)
+
+    def _predict_preconditioned(self, x: torch.Tensor, t: torch.Tensor, cond: Any
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x_0) through the output's preconditioning: x (the VP variable at table index t)
+        becomes x_sigma = x / sqrt(alpha_bar), the network sees c_in x_sigma, and
+        x_0 = c_skip x_sigma + c_out F (``parameterization``)."""
+        sigma = extract(self.schedule.sigmas, t, x.ndim).to(x.dtype)
+        x_sigma = x / extract(self.schedule.sqrt_alpha_bar, t, x.ndim).to(x.dtype)
+        c_in, c_skip, c_out = coefficients(self.schedule, self.objective, sigma)
+        out = self.net(x_sigma * c_in, t, cond).to(x.dtype)
+        x0 = c_skip * x_sigma + c_out * out
+        return predict_eps_from_x0(self.schedule, x, t, x0).to(x.dtype), x0.to(x.dtype)
 
     def eps(self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None) -> torch.Tensor:
         """Predicted noise eps(x_t, t)."""
@@ -100,7 +114,7 @@ class Denoiser:
     def v(self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None) -> torch.Tensor:
         """Predicted velocity v(x_t, t) (Salimans & Ho 2022)."""
         t = self._batch_timesteps(x, t)
-        if self.objective == "v":
+        if self.objective == "v" and self.schedule.kind in BETA_SCHEDULES:
             return self.raw(x, t, cond)
         eps, x0 = self.predict(x, t, cond)
         return v_from_x0_eps(self.schedule, x0, t, eps).to(x.dtype)

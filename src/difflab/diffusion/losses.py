@@ -1,69 +1,41 @@
-"""Training objective: which target the network regresses and how timesteps are weighted.
+"""The training loss: one core over four choices (path, output, density, weighting).
 
-- ``"eps"``: predict the noise; with no weighting this is L_simple (Ho et al. 2020, eq. 14).
-- ``"x0"``: predict the clean sample.
-- ``"v"``: predict the velocity ``sqrt(a) eps - sqrt(1 - a) x_0`` (Salimans & Ho 2022).
+- path: the ``schedule`` (VP linear / cosine / sigmoid, ``flow``, ``edm``);
+- output: what the network regresses (``parameterization``: eps, x0, v, velocity, edm);
+- density: where the noise levels are drawn (``density``: uniform, log-normal, logit-normal, last);
+- weighting: the weight on the x_0 error (``weighting``: simplified, Min-SNR, soft-min-SNR, P2,
+  EDM's, EDM2's learned uncertainty).
 
-Noise-level density ``timesteps``: ``"uniform"`` draws t ~ U{0..T-1} (DDPM); ``"logsnr_normal"``
-draws log-SNR ~ N(mean, std) and takes the timestep nearest to it, EDM's log-normal density
-over sigma (Karras et al. 2022, sec. 5, P_mean/P_std) in VP terms: log SNR = -2 log sigma. It
-spends the training steps on the mid noise levels where samples take shape, instead of on
-nearly clean or nearly pure-noise inputs. ``"last"`` trains only t = T-1: with objective x0
-and a conditioned network (SR3's input) that is a plain MSE regression from the condition,
-the baseline SR3 compares itself with; sample it with one trailing DDIM step.
-
-Weighting ``"min_snr"`` is Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training
-via Min-SNR Weighting Strategy"): the x_0-space loss is weighted by ``min(SNR_t, gamma)``,
-which, rewritten for each target, is ``min(SNR, gamma) / SNR`` for eps,
-``min(SNR, gamma)`` for x_0 and ``min(SNR, gamma) / (SNR + 1)`` for v.
+On a VP schedule with eps / x0 / v the loss is computed exactly as DDPM's Algorithm 1
+(``q_sample`` at integer timesteps, the target in closed form); on a continuous path or with
+a preconditioned output the network sees ``c_in (x_0 + sigma eps)`` at its fractional time index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from .density import Density, Uniform
+from .parameterization import OUTPUTS, check_output, coefficients, output_target
 from .process import q_sample, v_from_x0_eps
-from .schedule import NoiseSchedule, extract
+from .schedule import BETA_SCHEDULES, NoiseSchedule
+from .sigma import t_to_sigma
+from .weighting import MinSNR, Simplified, Weighting
 
-OBJECTIVES = ("eps", "x0", "v")
-WEIGHTINGS = ("none", "min_snr")
-TIMESTEP_DENSITIES = ("uniform", "logsnr_normal", "last")
+OBJECTIVES = OUTPUTS
 
-
-def sample_timesteps(schedule: NoiseSchedule, batch: int, *, density: str = "uniform", logsnr_mean: float = 2.0,
-                     logsnr_std: float = 2.4, device: torch.device | str | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training timesteps [B] (long) drawn from the noise-level ``density`` (see module doc)."""
-    if density == "uniform":
-        return torch.randint(0, schedule.num_timesteps, (batch,), device=device, generator=generator)
-    if density == "last":  # only the noisiest level: with objective x0 and a condition, plain regression
-        return torch.full((batch,), schedule.num_timesteps - 1, dtype=torch.long, device=device)
-    if density != "logsnr_normal":
-        raise ValueError(f"unknown timestep density {density!r}; allowed: {', '.join(TIMESTEP_DENSITIES)}")
-    if logsnr_std <= 0:
-        raise ValueError(f"logsnr_std must be > 0, got {logsnr_std}")
-    target = logsnr_mean + logsnr_std * torch.randn(batch, device=device, generator=generator)
-    # log_snr falls with t: search the rising -log_snr, then pick the nearer neighbour.
-    rising = -schedule.log_snr.to(target.device)
-    right = torch.searchsorted(rising, -target).clamp(1, schedule.num_timesteps - 1)
-    left = right - 1
-    nearer_left = (rising[right] + target).abs() > (rising[left] + target).abs()
-    return torch.where(nearer_left, left, right)
-
-
-def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; allowed objectives: {', '.join(OBJECTIVES)}")
+__all__ = ["OBJECTIVES", "diffusion_loss", "min_snr_weight", "training_target"]
 
 
 def training_target(
     schedule: NoiseSchedule, objective: str, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
 ) -> torch.Tensor:
-    """The regression target for ``objective`` at (x_0, t, noise)."""
-    _check_objective(objective)
+    """The regression target of a VP-schedule objective (eps, x0, v) at (x_0, t, noise)."""
+    if objective not in ("eps", "x0", "v"):
+        raise ValueError(f"unknown objective {objective!r} for a VP target; allowed objectives: eps, x0, v")
     if objective == "eps":
         return noise
     if objective == "x0":
@@ -72,15 +44,13 @@ def training_target(
 
 
 def min_snr_weight(schedule: NoiseSchedule, objective: str, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample Min-SNR-gamma weight (Hang et al. 2023) for the given objective, shape [B]."""
-    _check_objective(objective)
-    snr = extract(schedule.log_snr, t, 1).exp()
-    clipped = snr.clamp(max=gamma)
-    if objective == "eps":
-        return clipped / snr
-    if objective == "x0":
-        return clipped
-    return clipped / (snr + 1.0)
+    """Min-SNR-gamma's weight on the network's error at integer timesteps ``t`` [B]
+    (``min(SNR, gamma) c_out^2``: eps ``min / SNR``, x0 ``min``, v ``min / (SNR + 1)``)."""
+    check_output(schedule, objective)
+    sigma = schedule.sigmas[t.to(schedule.device)].double()
+    c_out = coefficients(schedule, objective, sigma)[2]
+    c_out = torch.as_tensor(c_out, dtype=torch.float64).expand_as(sigma)
+    return (MinSNR(gamma).x0_weight(sigma, schedule, c_out) * c_out**2).to(torch.float32)
 
 
 def diffusion_loss(
@@ -90,37 +60,42 @@ def diffusion_loss(
     *,
     objective: str = "eps",
     cond: Any = None,
-    t: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    weighting: str = "none",
-    min_snr_gamma: float = 5.0,
-    timesteps: str = "uniform",
-    logsnr_mean: float = 2.0,
-    logsnr_std: float = 2.4,
+    t: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    weighting: Optional[Weighting] = None,
+    density: Optional[Density] = None,
 ) -> torch.Tensor:
-    """Scalar denoising loss for a batch of clean samples ``x0`` (DDPM Alg. 1).
+    """Scalar denoising loss for a batch of clean samples ``x0``.
 
-    Draws ``t`` from the ``timesteps`` density (default ``U{0, .., T-1}``) and ``noise ~ N(0, I)`` unless given (``generator`` must
-    live on x0's device), forms ``x_t = q_sample(x0, t, noise)``, calls ``net(x_t, t, cond)``
-    and returns the (optionally weighted) mean squared error to the objective's target.
-    The error is computed in float32 even if the network ran under bf16 autocast.
+    Draws the time inputs ``t`` from ``density`` (default ``Uniform()``: DDPM's U{0..T-1}) and
+    ``noise ~ N(0, I)`` unless given (``generator`` must live on x0's device), calls
+    ``net(x_t, t, cond)`` and returns the mean over the batch of ``weighting``'s loss (default
+    ``Simplified()``: the plain MSE to the output's target). Given ``t`` are table indices
+    (long on a VP schedule, fractional on a continuous path). The error is float32 even if the
+    network ran under bf16 autocast.
     """
-    _check_objective(objective)
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {weighting!r}; allowed weightings: {', '.join(WEIGHTINGS)}")
-    if weighting == "min_snr" and min_snr_gamma <= 0:
-        raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+    check_output(schedule, objective)
+    weighting = weighting if weighting is not None else Simplified()
     batch = x0.shape[0]
     if t is None:
-        t = sample_timesteps(schedule, batch, density=timesteps, logsnr_mean=logsnr_mean, logsnr_std=logsnr_std,
-                             device=x0.device, generator=generator)
+        t, sigma = (density or Uniform()).timesteps(schedule, batch, device=x0.device, generator=generator)
+    else:
+        sigma = schedule.sigmas.to(t.device)[t] if not t.is_floating_point() else \
+            t_to_sigma(schedule, t).to(t.device, torch.float32)
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    xt = q_sample(schedule, x0, t, noise)
+    sigma = sigma.to(x0.device, torch.float32)
+    level = sigma.reshape(batch, *([1] * (x0.ndim - 1)))
+    c_in, c_skip, c_out = coefficients(schedule, objective, level)
+    if schedule.kind in BETA_SCHEDULES and objective in ("eps", "x0", "v"):
+        xt = q_sample(schedule, x0, t, noise)  # DDPM Alg. 1, bit for bit
+        target = training_target(schedule, objective, x0, t, noise)
+    else:
+        xt = c_in * (x0 + level * noise)
+        target = output_target(objective, x0, noise, level, c_skip, c_out)
     prediction = net(xt, t, cond)
-    target = training_target(schedule, objective, x0, t, noise)
-    per_sample = (prediction.float() - target.float()).square().reshape(batch, -1).mean(dim=1)
-    if weighting == "min_snr":
-        per_sample = per_sample * min_snr_weight(schedule, objective, t, min_snr_gamma).float()
-    return per_sample.mean()
+    error = (prediction.float() - target.float()).square().reshape(batch, -1).mean(dim=1)
+    c_out = torch.as_tensor(c_out, dtype=torch.float32, device=x0.device).reshape(-1).expand(batch) \
+        if not isinstance(c_out, torch.Tensor) or c_out.numel() == 1 else c_out.reshape(batch).float()
+    return weighting.loss(error, sigma, schedule, c_out).mean()

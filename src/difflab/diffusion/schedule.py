@@ -1,9 +1,26 @@
-"""Discrete-time noise schedules (beta_t, alpha_bar_t and everything derived from them).
+"""Noise paths as discrete tables (beta_t, alpha_bar_t and everything derived from them).
 
 Notation follows Ho et al. 2020 (DDPM): ``alpha_t = 1 - beta_t`` and
 ``alpha_bar_t = prod_{s<=t} alpha_s`` so that ``q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0,
 (1 - alpha_bar_t) I)`` (DDPM eq. 4). Timesteps are integers ``0 .. T-1``; index ``t``
 here is step ``t + 1`` of the paper.
+
+Three families of path (``kind``), each seen by samplers as the same table of T levels:
+
+- VP (``linear``, ``cosine``, ``sigmoid``): the discrete schedules above.
+- ``flow``: the rectified-flow path ``x_t = (1 - t) x_0 + t eps`` (Liu et al. 2022; Lipman et
+  al. 2022; Esser et al. 2024, SD3), t uniform over T levels between the t of ``sigma_min`` and
+  of ``sigma_max`` (its VE noise level is sigma = t / (1 - t), so t = 1 is never reached).
+- ``edm``: EDM's variance-exploding path ``x = x_0 + sigma eps`` (Karras et al. 2022), log sigma
+  uniform over T levels from ``sigma_min`` to ``sigma_max`` (Song et al. 2021's VE SDE grid).
+
+Every path is the VP path of ``alpha_bar = 1 / (1 + sigma^2)`` up to a rescaling of x (EDM
+sec. 2, s(t)): ``x_t = s x_vp`` with ``s = sqrt(alpha^2 + sigma_t^2)``. Discrete samplers run on
+the VP variable and sigma-space samplers on ``x / alpha``; only the network's input scale
+(``input_scale``) and time input differ per path. On the two continuous paths the time input
+is the fractional table index, an affine function of t (flow) or of log sigma (edm), so the
+U-Net's time embedding sees the 0..T-1 range of the VP schedules; ``sigma_data`` is the data's
+std that EDM's input scale and preconditioning assume.
 """
 
 from __future__ import annotations
@@ -14,6 +31,22 @@ from typing import Any
 import torch
 
 BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
+CONTINUOUS_PATHS = ("flow", "edm")
+PATHS = (*BETA_SCHEDULES, *CONTINUOUS_PATHS)
+
+
+def continuous_sigmas(kind: str, num_timesteps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """The T VE noise levels (float64, rising) of a continuous path's table (see the module doc)."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"the {kind!r} path needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
+                         f"sigma_max={sigma_max}")
+    if kind == "flow":
+        t = torch.linspace(sigma_min / (1 + sigma_min), sigma_max / (1 + sigma_max), num_timesteps,
+                           dtype=torch.float64)
+        return t / (1 - t)
+    if kind == "edm":
+        return torch.linspace(math.log(sigma_min), math.log(sigma_max), num_timesteps, dtype=torch.float64).exp()
+    raise ValueError(f"unknown continuous path {kind!r}; allowed: {', '.join(CONTINUOUS_PATHS)}")
 
 
 def _betas_from_alpha_bar(alpha_bar: torch.Tensor, max_beta: float) -> torch.Tensor:
@@ -105,9 +138,18 @@ class NoiseSchedule(torch.nn.Module):
         sigmoid_end: float = 3.0,
         sigmoid_tau: float = 1.0,
         max_beta: float = 0.999,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float | None = 0.5,
     ) -> None:
         super().__init__()
+        if kind not in PATHS:
+            raise ValueError(f"unknown schedule kind {kind!r}; allowed kinds: {', '.join(PATHS)}")
+        sigma_data = 0.5 if sigma_data is None else sigma_data  # None: EDM's 0.5 (difflab-train measures it)
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.kind = kind
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.cosine_s = cosine_s
@@ -115,22 +157,36 @@ class NoiseSchedule(torch.nn.Module):
         self.sigmoid_end = sigmoid_end
         self.sigmoid_tau = sigmoid_tau
         self.max_beta = max_beta
+        if kind in CONTINUOUS_PATHS:
+            if num_timesteps < 2:
+                raise ValueError(f"num_timesteps must be >= 2 for the {kind!r} path, got {num_timesteps}")
+            alpha_bar = 1.0 / (1.0 + continuous_sigmas(kind, num_timesteps, sigma_min, sigma_max) ** 2)
+            self._register(1.0 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]]), alpha_bar)
+        else:
+            self._register(self._vp_betas(kind, num_timesteps))
+
+    def _vp_betas(self, kind: str, num_timesteps: int) -> torch.Tensor:
         betas = beta_schedule(
             kind,
             num_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            cosine_s=cosine_s,
-            sigmoid_start=sigmoid_start,
-            sigmoid_end=sigmoid_end,
-            sigmoid_tau=sigmoid_tau,
-            max_beta=max_beta,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            cosine_s=self.cosine_s,
+            sigmoid_start=self.sigmoid_start,
+            sigmoid_end=self.sigmoid_end,
+            sigmoid_tau=self.sigmoid_tau,
+            max_beta=self.max_beta,
         )
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError(f"betas of the {kind!r} schedule must lie in (0, 1); check its arguments")
+        return betas
+
+    def _register(self, betas: torch.Tensor, alpha_bar: torch.Tensor | None = None) -> None:
+        """Derive every buffer from the betas (and the exact alpha_bar of a continuous path)."""
+        num_timesteps = betas.shape[0]
 
         alphas = 1.0 - betas
-        alpha_bar = torch.cumprod(alphas, dim=0)
+        alpha_bar = torch.cumprod(alphas, dim=0) if alpha_bar is None else alpha_bar
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
         # DDPM eq. 7: beta-tilde_t and the two coefficients of mu-tilde_t(x_t, x_0).
         posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
@@ -175,7 +231,49 @@ class NoiseSchedule(torch.nn.Module):
             "sigmoid_end": self.sigmoid_end,
             "sigmoid_tau": self.sigmoid_tau,
             "max_beta": self.max_beta,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "sigma_data": self.sigma_data,
         }
+
+    @property
+    def continuous(self) -> bool:
+        """Whether this is a continuous path (flow, edm): any noise level in its range is a time."""
+        return self.kind in CONTINUOUS_PATHS
+
+    def input_scale(self, sigma: torch.Tensor | float) -> torch.Tensor | float:
+        """The network input ``x_t = input_scale(sigma) * x_sigma`` of this path at VE level sigma:
+        VP ``1 / sqrt(1 + sigma^2)`` (x_t itself), flow ``1 / (1 + sigma)`` (= 1 - t), edm EDM's
+        ``c_in = 1 / sqrt(sigma^2 + sigma_data^2)`` (Karras et al. 2022, Table 1)."""
+        if self.kind == "flow":
+            return 1.0 / (1.0 + sigma)
+        if self.kind == "edm":
+            return (sigma**2 + self.sigma_data**2) ** -0.5
+        return (1.0 + sigma**2) ** -0.5
+
+    def _path_ends(self) -> tuple[float, float]:
+        """The ends of a continuous path's table in its own time: t (flow) or log sigma (edm)."""
+        if self.kind == "flow":
+            return self.sigma_min / (1 + self.sigma_min), self.sigma_max / (1 + self.sigma_max)
+        if self.kind == "edm":
+            return math.log(self.sigma_min), math.log(self.sigma_max)
+        raise ValueError(f"this needs a continuous path (flow, edm), not {self.kind!r}")
+
+    def continuous_sigma(self, index: torch.Tensor) -> torch.Tensor:
+        """VE level(s) at fractional table index(es) of a continuous path, exact; the inverse of
+        ``continuous_index``. Float64."""
+        lo, hi = self._path_ends()
+        position = lo + torch.as_tensor(index, dtype=torch.float64) / (self.num_timesteps - 1) * (hi - lo)
+        return position / (1 - position) if self.kind == "flow" else position.exp()
+
+    def continuous_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional table index of VE level(s) sigma on a continuous path, exact (flow: affine
+        in t; edm: affine in log sigma), clamped to [0, T-1]. Float64, sigma's device."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        lo, hi = self._path_ends()
+        own = sigma / (1 + sigma) if self.kind == "flow" else sigma.clamp(min=1e-300).log()
+        last = self.num_timesteps - 1
+        return ((own - lo) / (hi - lo) * last).clamp(0, last)
 
     def alpha_bar_at(self, t: torch.Tensor | int) -> torch.Tensor:
         """alpha_bar at integer timesteps ``t`` in ``[-1, T)``, with alpha_bar(-1) = 1.

@@ -14,6 +14,9 @@ entries of the discrete table map to fractional timesteps by linear interpolatio
 sigma over the table (the U-Net takes float t); levels outside the table are clamped to
 its ends for the time input only, while c_in and the output conversion use the true sigma.
 
+On the continuous paths (``flow``, ``edm``) the same holds with the path's own input scale and
+output preconditioning (``parameterization``), and sigma maps to its exact fractional index.
+
 ``karras_sigmas`` is the rho-schedule of EDM eq. 5, and ``sigma_range`` the span of noise
 levels a schedule was trained on.
 """
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 
 from .denoiser import Denoiser
+from .parameterization import coefficients
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -34,7 +38,6 @@ __all__ = [
     "sigma_range",
     "sigma_to_t",
     "t_to_sigma",
-    "x0_from_output",
 ]
 
 
@@ -56,6 +59,10 @@ def sigma_to_t(schedule: NoiseSchedule, sigma: torch.Tensor | float) -> torch.Te
     Exactly the inverse of ``t_to_sigma`` inside the table; a table entry maps to its
     integer timestep.
     """
+    if schedule.continuous:  # exact; a level stored in the float32 table lands on its whole index
+        index = schedule.continuous_index(torch.as_tensor(sigma, dtype=torch.float64).detach().cpu())
+        whole = index.round()
+        return torch.where((index - whole).abs() < 1e-4, whole, index)
     log_table = _log_sigmas(schedule)
     log_sigma = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu().clamp(min=1e-300).log()
     if log_table.numel() == 1:
@@ -78,6 +85,8 @@ def t_to_sigma(schedule: NoiseSchedule, t: torch.Tensor | float) -> torch.Tensor
     hi = (lo + 1).clamp(max=log_table.numel() - 1)
     w = t - lo.to(torch.float64)
     interpolated = ((1 - w) * log_table[lo] + w * log_table[hi]).exp()
+    if schedule.continuous:  # the path's own level between table entries, not an interpolation
+        interpolated = schedule.continuous_sigma(t)
     # exp(log(.)) is not exact: hand back the table value itself at whole timesteps.
     table = schedule.sigmas.detach().to("cpu", torch.float64)
     return torch.where(w == 0, table[lo], interpolated)
@@ -104,26 +113,6 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     if n > 1:
         sigmas[-1] = sigma_min
     return sigmas
-
-
-def x0_from_output(
-    objective: str, x_sigma: torch.Tensor, sigma: torch.Tensor | float, out: torch.Tensor
-) -> torch.Tensor:
-    """E[x_0] from a network output in ``objective`` space, in sigma variables.
-
-    With a = 1 / (1 + sigma^2), sqrt(a) = c_in and sqrt(1 - a) = sigma c_in, the process
-    conversions (DDIM eq. 9; Salimans & Ho 2022, sec. 4) become
-    ``eps: x_sigma - sigma eps``, ``x0: out``, ``v: x_sigma / (1 + sigma^2) - sigma c_in v``
-    (EDM Table 1, VP column: c_skip = 1, c_out = -sigma for eps).
-    """
-    if objective == "eps":
-        return x_sigma - sigma * out
-    if objective == "x0":
-        return out
-    if objective == "v":
-        c_in = 1.0 / (1.0 + sigma**2) ** 0.5
-        return x_sigma * c_in**2 - sigma * c_in * out
-    raise ValueError(f"unknown objective {objective!r}; allowed objectives: eps, x0, v")
 
 
 class SigmaDenoiser:
@@ -169,7 +158,8 @@ class SigmaDenoiser:
             level = sigma.to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         else:
             level = float(sigma)
-        c_in = (1.0 + level**2) ** -0.5  # EDM Table 1 (VP): the network sees x_t = c_in x_sigma
+        # EDM Table 1: on the VP path the network sees x_t = c_in x_sigma, c_in = 1 / sqrt(1 + sigma^2).
+        c_in, c_skip, c_out = coefficients(self.schedule, self.denoiser.objective, level)
         out = self.denoiser.net(x * c_in, self.timestep(sigma, x.shape[0], x.device), cond)
-        x0 = x0_from_output(self.denoiser.objective, x, level, out.to(x.dtype)).to(x.dtype)
+        x0 = (c_skip * x + c_out * out.to(x.dtype)).to(x.dtype)
         return self.denoiser.clip(x0, clip)

@@ -19,10 +19,16 @@ import torch
 from torch import nn
 
 from difflab.diffusion.denoiser import Denoiser
+from difflab.diffusion.density import Density, Uniform
+from difflab.diffusion.parameterization import check_output
+from difflab.diffusion.weighting import Simplified, Weighting
 from difflab.diffusion.guidance import ClassifierFreeGuidance, drop_labels
 from difflab.diffusion.losses import diffusion_loss
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.training.lr import lr_factor
+
+
+_SIMPLIFIED, _UNIFORM = Simplified(), Uniform()  # validation's loss: comparable across recipes
 
 
 class DiffusionModule(pl.LightningModule):
@@ -32,11 +38,13 @@ class DiffusionModule(pl.LightningModule):
         net: a network `net(x, t, cond) -> prediction` (e.g. `difflab.models.UNet`).
         schedule: the forward-process noise schedule.
         sampler: the sampler used for sample grids (any `difflab.diffusion.samplers.Sampler`).
-        prediction: what the network is trained to predict: "eps", "x0" or "v".
-        weighting: loss weighting over timesteps: "none" (the simplified loss) or "min_snr".
-        timesteps: training noise-level density: "uniform" or "logsnr_normal" (with
-            `logsnr_mean`, `logsnr_std`; see difflab.diffusion.losses). Validation always
-            draws uniform timesteps, so val/loss compares across densities.
+        prediction: what the network is trained to output: "eps", "x0", "v", "velocity" (the
+            flow path) or "edm" (EDM's preconditioning); see difflab.diffusion.parameterization.
+        weighting: the loss weight (a `difflab.diffusion.weighting.Weighting`; None: the
+            simplified loss). A learned one (EDM2's uncertainty) is a submodule, trained too.
+        density: the training noise-level density (a `difflab.diffusion.density.Density`;
+            None: uniform). Validation always draws uniform levels with the simplified loss,
+            so val/loss compares across densities and weightings.
         p_uncond: for a class-conditional network, the probability that a training label is
             replaced by the null class (condition dropout for classifier-free guidance).
         guidance_scale: classifier-free guidance scale used by `sample` when labels are
@@ -51,8 +59,7 @@ class DiffusionModule(pl.LightningModule):
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, sampler: Any, *, prediction: str = "eps",
-                 weighting: str = "none", min_snr_gamma: float = 5.0, timesteps: str = "uniform",
-                 logsnr_mean: float = 2.0, logsnr_std: float = 2.4, lr: float = 1e-3,
+                 weighting: Optional[Weighting] = None, density: Optional[Density] = None, lr: float = 1e-3,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  lr_schedule: str = "constant", min_lr_ratio: float = 0.1, channels_last: bool = True,
                  compile: bool = False, p_uncond: float = 0.1, guidance_scale: Optional[float] = None,
@@ -61,7 +68,11 @@ class DiffusionModule(pl.LightningModule):
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond={p_uncond} must be in [0, 1).")
-        self.save_hyperparameters(ignore=["net", "schedule", "sampler", "task", "first_stage"])
+        check_output(schedule, prediction)
+        self.save_hyperparameters(ignore=["net", "schedule", "sampler", "task", "first_stage", "weighting",
+                                          "density"])
+        self.weighting = weighting if weighting is not None else Simplified()
+        self.density = density if density is not None else Uniform()
         self.first_stage = first_stage
         if task is not None and getattr(net, "conditioner", None) is None:
             raise ValueError(f"task {task!r} builds conditions, but the network has no conditioner to read them: "
@@ -121,11 +132,9 @@ class DiffusionModule(pl.LightningModule):
     def loss(self, images: torch.Tensor, cond: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None, train: bool = False) -> torch.Tensor:
         net = self._compiled_net if (self._compiled_net is not None and self.training) else self.net
-        hp = self.hparams
-        return diffusion_loss(self.schedule, net, images, objective=hp.prediction, cond=cond,
-                              generator=generator, weighting=hp.weighting, min_snr_gamma=hp.min_snr_gamma,
-                              timesteps=hp.timesteps if train else "uniform", logsnr_mean=hp.logsnr_mean,
-                              logsnr_std=hp.logsnr_std)
+        weighting, density = (self.weighting, self.density) if train else (_SIMPLIFIED, _UNIFORM)
+        return diffusion_loss(self.schedule, net, images, objective=self.hparams.prediction, cond=cond,
+                              generator=generator, weighting=weighting, density=density)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, cond = self._batch(batch, train=True)
@@ -143,8 +152,9 @@ class DiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                      weight_decay=hp.weight_decay)
+        # A learned weighting (EDM2's uncertainty) trains with the network, at the same rate.
+        params = [*self.net.parameters(), *self.weighting.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
             lr_factor, total=total, warmup_steps=hp.warmup_steps, lr_schedule=hp.lr_schedule,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..denoiser import Denoiser
+from ..parameterization import coefficients
 from ..schedule import NoiseSchedule
 from ..sigma import t_to_sigma
 from .base import Sampler
@@ -89,20 +90,18 @@ class GaussianMixture:
         return (resp.unsqueeze(-1) * component_means).sum(dim=1)
 
     def net(self, schedule: NoiseSchedule, objective: str = "eps"):
-        """The exact network ``net(x_t, t, cond)`` predicting ``objective`` for rows of x_t.
-
-        ``t`` may be integer or fractional; its noise level is ``sigma.t_to_sigma`` (the
-        table value at integer t), and x_t = x_sigma / sqrt(1 + sigma^2).
+        """The exact network ``net(x_t, t, cond)`` with output ``objective`` for rows of x_t, on
+        any path: ``t`` (integer or fractional) has the noise level ``sigma.t_to_sigma``, the
+        input is ``c_in x_sigma`` and the output ``(x_0 - c_skip x_sigma) / c_out``
+        (``parameterization``), x_0 the posterior mean.
         """
 
         def net(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
             sigma = t_to_sigma(schedule, t).to(x.device).reshape(-1, 1)
-            c_in = (1.0 + sigma**2).rsqrt()
+            c_in, c_skip, c_out = coefficients(schedule, objective, sigma)
             x_sigma = x.double() / c_in
             x0 = self.posterior_mean(x_sigma, sigma)
-            eps = (x_sigma - x0) / sigma
-            out = {"eps": eps, "x0": x0, "v": c_in * eps - sigma * c_in * x0}[objective]
-            return out.to(x.dtype)
+            return ((x0 - c_skip * x_sigma) / c_out).to(x.dtype)
 
         return net
 
