@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.difflab-installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all bench ablate latent-table clean-outputs
+.PHONY: help install train test test-slow test-all bench ablate ablate-methods latent-table clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test-all: $(STAMP)  ## every test
 
 ablate: $(STAMP)  ## train + evaluate each schedule and objective with one budget (< 45 min on 2 cores); ARGS="only=[linear,cosine] ..."
 	$(BIN)/difflab-ablate $(ARGS)
+
+ablate-methods: $(STAMP)  ## the training methods (Min-SNR, rectified flow, EDM, EDM2 weighting) against the default, one budget (~15 min)
+	$(BIN)/difflab-ablate --config-name ablate_methods $(ARGS)
 
 bench: $(STAMP)  ## img/s, GFLOP/img and share of the matmul peak for difflab's U-Net and the two peers; gradient checkpointing
 	$(BIN)/python benchmarks/bench.py $(ARGS)

@@ -484,6 +484,27 @@ class AblateEvalConfig:
 
 
 @dataclass
+class EmaSweepConfig(EvalConfig):
+    """difflab-ema-sweep: the evaluation grid of difflab-evaluate, once per reconstructed EMA length."""
+
+    ckpt: str = "-"  # set per EMA length by the sweep
+    task_name: str = "ema_sweep"
+    ckpt_dir: str = MISSING
+    stds: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.1, 0.15, 0.2])
+    step: Optional[int] = None
+    samplers: list[str] = field(default_factory=lambda: ["ddim"])
+    steps: list[int] = field(default_factory=lambda: [25])
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0])
+    real_baseline: bool = False
+
+    def validate(self, key: str = "") -> None:
+        super().validate(key)
+        _check(len(self.stds) >= 1 and all(0 < s < 12 ** -0.5 for s in self.stds), "stds", self.stds,
+               "a non-empty list of EMA lengths (relative stds) in (0, 0.2887)")
+        _check(self.step is None or self.step >= 1, "step", self.step, "null (the last snapshot) or an integer >= 1")
+
+
+@dataclass
 class AblateConfig:
     paths: PathsConfig = MISSING
     task_name: str = "ablate"
@@ -520,6 +541,7 @@ def register() -> None:
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="ablate_schema", node=AblateConfig)
+    cs.store(name="ema_sweep_schema", node=EmaSweepConfig)
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="model", name="unet_schema", node=UNetConfig)
     cs.store(group="model", name="autoencoder_schema", node=AutoencoderSchema)

@@ -5,6 +5,9 @@ saves it as the checkpoint's `state_dict` (raw weights under `current_model_stat
 restores both on resume. We add two things a diffusion run wants:
 - a warm-up of the decay, min(decay, (1 + n) / (10 + n)) after n updates, so the EMA of a
   short run is not dominated by the random initial weights;
+- `std`: a power-function EMA instead (EDM2; ``posthoc_ema``): ``beta_t = (1 - 1/t)^(gamma + 1)``
+  with gamma set by the relative std, so its length is a fixed fraction of the run however
+  long the run is (``decay`` and ``warmup`` are then unused);
 - `use_buffers=False`: only parameters are averaged; buffers (the noise schedule) are not.
 - only trainable parameters are updated, with one fused lerp over lists built once: frozen
   ones (a latent model's first stage) keep the copy taken at the start, which is their value,
@@ -19,15 +22,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
+from difflab.training.posthoc_ema import power_beta, std_to_gamma
+
 
 class EMA(WeightAveraging):
     """Exponential moving average of the LightningModule's parameters."""
 
     def __init__(self, decay: float = 0.999, warmup: bool = True, update_every_n_steps: int = 1,
-                 device: Optional[str] = None) -> None:
+                 device: Optional[str] = None, std: Optional[float] = None) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay={decay} must be in (0, 1).")
         super().__init__(device=device, use_buffers=False, multi_avg_fn=self._lerp)
+        self.std = std
+        self.gamma = None if std is None else std_to_gamma(std)
         self.decay = decay
         self.warmup = warmup
         self.update_every_n_steps = update_every_n_steps
@@ -39,6 +46,8 @@ class EMA(WeightAveraging):
     def current_decay(self) -> float:
         """Decay of the update in progress: n = updates before it (the first one copies)."""
         n = max(self._updates - 1, 0)
+        if self.gamma is not None:
+            return power_beta(self.gamma, n + 1)
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     def _lerp(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
