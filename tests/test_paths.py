@@ -136,7 +136,10 @@ def test_logit_normal_in_t_is_log_normal_in_sigma_on_the_flow_path():
 
 def test_uniform_density_per_path_and_stratification():
     t = Uniform().sigmas(FLOW, 20_000, generator=seeded(0))
-    assert stats.kstest((t / (1 + t)).numpy(), "uniform").pvalue > 0.01  # t ~ U(0, 1)
+    t_lo, t_hi = 0.002 / 1.002, 80 / 81  # the table's ends: t ~ U(t_lo, t_hi), nothing piles up at a clamp
+    assert stats.kstest((t / (1 + t)).numpy(), "uniform", args=(t_lo, t_hi - t_lo)).pvalue > 0.01
+    clamped = levels_of(FLOW, t)[1].double()
+    assert stats.kstest((clamped / (1 + clamped)).numpy(), "uniform", args=(t_lo, t_hi - t_lo)).pvalue > 0.01
     s = Uniform().sigmas(EDM, 20_000, generator=seeded(0)).log()
     lo, hi = math.log(0.002), math.log(80.0)
     assert stats.kstest(((s - lo) / (hi - lo)).numpy(), "uniform").pvalue > 0.01  # log sigma uniform
@@ -263,3 +266,74 @@ def test_bad_weighting_settings():
             make()
     with pytest.raises(ValueError, match="velocity.*schedule=flow"):
         Denoiser(lambda x, t, c: x, COSINE, "velocity")
+
+
+def test_coefficients_are_edm_table_1_written_out():
+    """Independent of the code under test: EDM Table 1 (VP, EDM columns) and the flow conversions."""
+    s, sd = torch.tensor([0.01, 0.5, 3.0, 70.0], dtype=torch.float64), 0.6
+    c_in, c_skip, c_out = coefficients(EDM, "edm", s)  # EDM column
+    assert torch.allclose(c_in, 1 / (s**2 + sd**2).sqrt()) and torch.allclose(c_skip, sd**2 / (s**2 + sd**2))
+    assert torch.allclose(c_out, s * sd / (s**2 + sd**2).sqrt())
+    c_in, c_skip, c_out = coefficients(COSINE, "eps", s)  # VP column: c_skip 1, c_out -sigma, c_in 1/sqrt(1+s^2)
+    assert torch.allclose(c_in, 1 / (1 + s**2).sqrt()) and c_skip == 1.0 and torch.equal(c_out, -s)
+    # flow: t = s / (1 + s), x_t = (1 - t)(x0 + s eps), x0 = x_t - t v
+    t = s / (1 + s)
+    c_in, c_skip, c_out = coefficients(FLOW, "velocity", s)
+    x0, eps = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    x_sigma = x0 + s * eps
+    x_t = (1 - t) * x0 + t * eps
+    assert torch.allclose(c_in * x_sigma, x_t)
+    assert torch.allclose(c_skip * x_sigma + c_out * (eps - x0), x0)
+    assert torch.allclose(coefficients(FLOW, "x0", s)[0], 1 - t)
+    # v on any path: x0 = x_sigma / (1 + s^2) - s / sqrt(1 + s^2) v, v = (eps - s x0) / sqrt(1 + s^2)
+    _, c_skip, c_out = coefficients(FLOW, "v", s)
+    assert torch.allclose(c_skip * x_sigma + c_out * (eps - s * x0) / (1 + s**2).sqrt(), x0)
+
+
+def test_an_old_run_config_reads_in_todays_groups_and_resume_checks_them(tmp_path):
+    from difflab.training.checkpoint import CheckpointError, check_resume_compatible, is_regression, training_method
+
+    old = {"schedule": {"kind": "cosine", "num_timesteps": 1000},
+           "objective": {"prediction": "v", "weighting": "min_snr", "min_snr_gamma": 3.0,
+                         "timesteps": "logsnr_normal", "logsnr_mean": 2.0, "logsnr_std": 2.4}}
+    method = training_method(old)
+    assert method["objective"] == {"prediction": "v"}
+    assert method["density"]["_target_"].endswith("LogNormal") and method["density"]["p_mean"] == -1.0
+    assert method["density"]["p_std"] == 1.2 and method["weighting"]["gamma"] == 3.0
+    assert is_regression({"objective": {"prediction": "x0", "timesteps": "last"}})
+    assert is_regression({"density": {"_target_": "difflab.diffusion.density.Last"}})
+    new = {"schedule": {"kind": "cosine", "num_timesteps": 1000, "sigma_min": 0.002, "sigma_max": 80.0,
+                        "sigma_data": 0.61},
+           "objective": {"prediction": "v"},
+           "density": {"_target_": "difflab.diffusion.density.LogNormal", "p_mean": -1.0, "p_std": 1.2,
+                       "stratified": False},
+           "weighting": {"_target_": "difflab.diffusion.weighting.MinSNR", "gamma": 3.0}}
+    assert training_method(new) == method  # the same recipe: resumable
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"net.w": torch.zeros(1)}, "hyper_parameters": {"run_config": {**old, "model": {}}}}, ckpt)
+    check_resume_compatible(ckpt, {**new, "model": {}})
+    with pytest.raises(CheckpointError) as refused:
+        check_resume_compatible(ckpt, {**new, "model": {}, "schedule": {"kind": "flow", "num_timesteps": 1000},
+                                       "weighting": {"_target_": "difflab.diffusion.weighting.Simplified"}})
+    assert "schedule.kind: checkpoint 'cosine', now 'flow'" in str(refused.value)
+    assert "weighting._target_" in str(refused.value) and "weighting.gamma" in str(refused.value)
+
+
+@pytest.mark.parametrize("schedule,output", [(FLOW, "velocity"), (EDM, "edm"), (COSINE, "edm"), (COSINE, "v")],
+                         ids=["flow-velocity", "edm-edm", "cosine-edm", "cosine-v"])
+def test_ddnm_projection_holds_on_every_path_and_output(schedule, output):
+    """DDNM's wrapped network implies an x_0 with A(x_0) = y exactly, whatever the path and output."""
+    from difflab.diffusion.degradation import Inpaint, make_keep
+    from difflab.diffusion.restoration import NullSpaceProjection
+
+    operator = Inpaint(make_keep("center", 8))
+    y = operator.A(torch.rand(3, 1, 8, 8, generator=seeded(0)) * 2 - 1)
+    raw = lambda x, t, c: torch.randn(x.shape, generator=seeded(1))  # noqa: E731
+    wrapped = NullSpaceProjection(raw, schedule, output, operator, y)
+    for index in (3.0, 500.0, 990.0):
+        sigma = t_to_sigma(schedule, torch.tensor([index])).double()
+        c_in, c_skip, c_out = coefficients(schedule, output, sigma.view(-1, 1, 1, 1))
+        x = torch.randn(3, 1, 8, 8, generator=seeded(2)) * float(c_in * (1 + sigma**2).sqrt())
+        out = wrapped(x, torch.full((3,), index), None).double()
+        x0 = c_skip * x.double() / c_in + c_out * out
+        assert torch.allclose(operator.A(x0.float()), y, atol=1e-4)

@@ -33,6 +33,7 @@ from difflab.diffusion.restoration import Restoration
 from difflab.diffusion.samplers import Sampler
 from difflab.metrics.restoration import psnr
 from difflab.training.callbacks import save_grid
+from difflab.training.checkpoint import is_regression
 from difflab.training.tasks import TASK_METHODS, TrainedRestoration
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -98,7 +99,7 @@ def restoration_for(method: str, run_config: dict, knobs: dict, mode: str):
         if task.kind != kind:
             raise ValueError(f"method={method} is {kind}, but this checkpoint was trained for {task.kind} "
                              f"(method={TASK_METHODS[task.kind]}).")
-        regression = run_config.get("objective", {}).get("timesteps") == "last"
+        regression = is_regression(run_config)
         return TrainedRestoration(task, regression=regression)
     if task_cfg is not None:
         kind = instantiate(task_cfg).kind

@@ -5,7 +5,8 @@ Each density maps uniform draws ``u`` in (0, 1) to VE noise levels sigma by its 
 "Variational diffusion models", low-discrepancy sampler) applies to all of them:
 
 - ``Uniform``: uniform over the path's time: the T discrete timesteps of a VP schedule (DDPM),
-  t in (0, 1) on the flow path (rectified flow), log sigma on the edm path (Song et al.'s VE).
+  t between the table's ends (0.002 .. 0.988 for sigma 0.002 .. 80) on the flow path (rectified
+  flow's U(0, 1), without the ends no sampler visits), log sigma on the edm path (Song et al.'s VE).
 - ``LogNormal(p_mean, p_std)``: ``log sigma ~ N(p_mean, p_std)`` (EDM, Karras et al. 2022, sec. 5:
   -1.2, 1.2). In VP terms log SNR = -2 log sigma ~ N(-2 p_mean, 2 p_std).
 - ``LogitNormal(mean, std)``: ``t = sigmoid(N(mean, std))`` in the path's time (Esser et al. 2024,
@@ -91,9 +92,7 @@ class Uniform(Density):
     name = "uniform"
 
     def sigma_of(self, u: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-        if schedule.kind == "flow":
-            return u / (1 - u)
-        if schedule.kind == "edm":
+        if schedule.continuous:  # t uniform over the table's range of t (flow) or log sigma (edm)
             return schedule.continuous_sigma(u * (schedule.num_timesteps - 1))
         index = (u * schedule.num_timesteps).floor().clamp(max=schedule.num_timesteps - 1).long()
         return schedule.sigmas.to(u.device).double()[index]

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from .degradation import Downsample, Operator
+from .parameterization import coefficients
 from .denoiser import Denoiser
 from .samplers.base import Sampler, _track
 from .samplers.karras import SigmaSampler
@@ -63,9 +64,10 @@ class RestorationError(ValueError):
 class NullSpaceProjection:
     """``net(x_t, t, cond)`` whose x_0 prediction is replaced by ``A^+ y + (I - A^+ A) x_0``.
 
-    The output stays in the network's objective space (eps, x0 or v), converted through
-    x_0 at the noise level of ``t`` (integer or fractional, via ``t_to_sigma``), so the
-    ``Denoiser`` and ``SigmaDenoiser`` read it as they read the plain network.
+    The output stays in the network's objective space (eps, x0, v, velocity or edm, on any path),
+    converted through x_0 at the noise level of ``t`` (integer or fractional, via ``t_to_sigma``)
+    with the output's preconditioning, so the ``Denoiser`` and ``SigmaDenoiser`` read it as they
+    read the plain network.
     """
 
     def __init__(self, net: Callable[..., torch.Tensor], schedule: NoiseSchedule, objective: str,
@@ -76,20 +78,13 @@ class NullSpaceProjection:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         out = self.net(x, t, cond).to(x.dtype)
         sigma = t_to_sigma(self.schedule, t).to(x.device, torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
-        sqrt_a = (1.0 + sigma**2).rsqrt().to(x.dtype)  # alpha_bar = 1 / (1 + sigma^2)
-        sqrt_1ma = (sigma * (1.0 + sigma**2).rsqrt()).to(x.dtype)
-        if self.objective == "eps":
-            x0 = (x - sqrt_1ma * out) / sqrt_a
-        elif self.objective == "x0":
-            x0 = out
-        else:  # v
-            x0 = sqrt_a * x - sqrt_1ma * out
-        x0 = self.operator.project(x0, self.y.to(x.device, x.dtype))
-        if self.objective == "eps":
-            return (x - sqrt_a * x0) / sqrt_1ma
-        if self.objective == "x0":
-            return x0
-        return (sqrt_a * x - x0) / sqrt_1ma  # v = sqrt(a) eps - sqrt(1-a) x0, eps from x0
+        # Any path and output (parameterization): x is c_in x_sigma, x_0 = c_skip x_sigma + c_out F.
+        c_in, c_skip, c_out = (torch.as_tensor(c, dtype=torch.float64, device=x.device)
+                               for c in coefficients(self.schedule, self.objective, sigma))
+        x_sigma = x.double() / c_in
+        x0 = (c_skip * x_sigma + c_out * out.double()).to(x.dtype)
+        x0 = self.operator.project(x0, self.y.to(x.device, x.dtype)).double()
+        return ((x0 - c_skip * x_sigma) / c_out).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- chains

@@ -102,6 +102,41 @@ def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}: checkpoint {saved!r}, now {current!r}"]
 
 
+_OLD_OBJECTIVE_KEYS = ("weighting", "min_snr_gamma", "timesteps", "logsnr_mean", "logsnr_std")
+
+
+def training_method(config: dict[str, Any]) -> dict[str, Any]:
+    """The path, output, density and weighting of a run config, with a run from before the
+    density / weighting groups read in their terms (``objective.timesteps=logsnr_normal`` was
+    ``density=lognormal`` with p_mean = -mean / 2, p_std = std / 2; ``objective.weighting=min_snr``
+    was ``weighting=min_snr``). The schedule's ``sigma_data`` is left out (it is measured again),
+    and so are ``sigma_min`` / ``sigma_max`` on a VP schedule (they shape only flow / edm)."""
+    objective = dict(config.get("objective") or {})
+    old = {k: objective.pop(k) for k in _OLD_OBJECTIVE_KEYS if k in objective}
+    density, weighting = config.get("density"), config.get("weighting")
+    if density is None:
+        timesteps = old.get("timesteps", "uniform")
+        density = {"_target_": "difflab.diffusion.density.Uniform", "stratified": False}
+        if timesteps == "logsnr_normal":
+            density = {"_target_": "difflab.diffusion.density.LogNormal", "p_mean": -old.get("logsnr_mean", 2.0) / 2,
+                       "p_std": old.get("logsnr_std", 2.4) / 2, "stratified": False}
+        elif timesteps == "last":
+            density = {"_target_": "difflab.diffusion.density.Last", "stratified": False}
+    if weighting is None:
+        weighting = {"_target_": "difflab.diffusion.weighting.Simplified"}
+        if old.get("weighting") == "min_snr":
+            weighting = {"_target_": "difflab.diffusion.weighting.MinSNR", "gamma": old.get("min_snr_gamma", 5.0)}
+    schedule = dict(config.get("schedule") or {})
+    unused = ("sigma_data",) if schedule.get("kind") in ("flow", "edm") else ("sigma_data", "sigma_min", "sigma_max")
+    schedule = {k: v for k, v in schedule.items() if k not in unused}
+    return {"schedule": schedule, "objective": objective, "density": dict(density), "weighting": dict(weighting)}
+
+
+def is_regression(config: dict[str, Any]) -> bool:
+    """Whether a run trained only the noisiest level (density=last: SR3's regression baseline)."""
+    return str(training_method(config)["density"].get("_target_", "")).endswith(".Last")
+
+
 def check_resume_compatible(path: str | Path, run_config: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint of another network or objective, naming the keys.
 
@@ -111,8 +146,14 @@ def check_resume_compatible(path: str | Path, run_config: dict[str, Any]) -> Non
     saved, _, _ = read_run_checkpoint(path)
     stage = run_config.get("stage", "diffusion")
     differences = _differences(saved.get("stage", "diffusion"), stage, "stage")
-    keys = ("model", "autoencoder_loss") if stage == "autoencoder" else ("model", "objective")
-    differences += [d for key in keys for d in _differences(saved.get(key), run_config.get(key), key)]
+    if stage == "autoencoder":
+        keys = ("model", "autoencoder_loss")
+        differences += [d for key in keys for d in _differences(saved.get(key), run_config.get(key), key)]
+    else:
+        keys = ("model", "schedule", "objective", "density", "weighting")
+        differences += _differences(saved.get("model"), run_config.get("model"), "model")
+        then, now = training_method(saved), training_method(run_config)
+        differences += [d for key in keys[1:] for d in _differences(then[key], now[key], key)]
     if stage != "autoencoder":
         # The first stage (a resume takes it from the checkpoint, so its file does not matter); a
         # checkpoint from before first_stage existed is a pixel-space one.

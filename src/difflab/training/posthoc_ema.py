@@ -35,7 +35,8 @@ SNAPSHOT_NAME = re.compile(r"^ema-(?P<std>[0-9.]+)-(?P<step>\d+)\.pt$")
 def std_to_gamma(std: float) -> float:
     """The exponent gamma of the power-function EMA whose relative std is ``std`` (0 < std < 0.2887)."""
     if not 0.0 < std < 12 ** -0.5:  # gamma -> 0 gives the uniform density, whose relative std is 1/sqrt(12)
-        raise ValueError(f"an EMA length (relative std) must lie in (0, {12 ** -0.5:.4f}), got {std}")
+        raise ValueError(f"an EMA length (relative std: callbacks.ema.std, callbacks.posthoc_ema.stds, "
+                         f"difflab-ema-sweep stds) must lie in (0, {12 ** -0.5:.4f}), got {std}")
     lo, hi = 0.0, 1e9  # sigma_rel(gamma) falls monotonically from 0.2887 to 0
     for _ in range(200):
         mid = 0.5 * (lo + hi)
@@ -109,6 +110,8 @@ class PostHocEMA(pl.Callback):
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if trainer.global_step <= self._updates:  # not an optimizer step (gradient accumulation)
+            return
         current = self._params(pl_module)
         if self._averages is None:
             self._averages = [[p.clone() for p in current] for _ in self.stds]

@@ -167,8 +167,8 @@ class TrainedRestoration:
     Palette does, so they come out bit-identical; super-resolution is left as sampled (its
     consistency with y is measured, not imposed).
 
-    ``regression``: a network trained only at t = T-1 with the x0 objective (``objective.
-    timesteps=last``) is a plain MSE regression from the condition; its restoration is one
+    ``regression``: a network trained only at t = T-1 with the x0 objective (``objective=x0
+    density=last``) is a plain MSE regression from the condition; its restoration is one
     x0 prediction from noise at T-1, whatever the sampler.
     """
 
