@@ -22,11 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import _hydra, evaluate, schema
-from difflab.data import DatasetUnavailableError
 from difflab.metrics import report
-from difflab.metrics.features import ExtractorUnavailableError
 from difflab.training.callbacks import EMA_FORMAT
-from difflab.training.checkpoint import CheckpointError
 from difflab.training.posthoc_ema import read_snapshots, reconstruct
 
 log = logging.getLogger("difflab.ema_sweep")
@@ -82,8 +79,7 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         sweep(cfg)
-    except (schema.ConfigError, CheckpointError, ExtractorUnavailableError, DatasetUnavailableError,
-            FileNotFoundError, ValueError) as error:
+    except evaluate.USER_ERRORS as error:
         log.error("%s", error)
         sys.exit(f"difflab-ema-sweep: {error}")
 

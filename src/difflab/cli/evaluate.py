@@ -183,12 +183,16 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, cfg: DictConfig, evalua
         print(f"{name}: {path}")
 
 
+# What a user can mend (a setting, a file, the data): one line on stderr, no traceback.
+USER_ERRORS = (schema.ConfigError, CheckpointError, ExtractorUnavailableError, DatasetUnavailableError,
+               FileNotFoundError, ValueError)
+
+
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except (schema.ConfigError, CheckpointError, ExtractorUnavailableError, DatasetUnavailableError,
-            FileNotFoundError, ValueError) as error:
+    except USER_ERRORS as error:
         log.error("%s", error)
         sys.exit(f"difflab-evaluate: {error}")
 

@@ -100,6 +100,7 @@ class PostHocEMA(pl.Callback):
         self._averages: Optional[list[list[torch.Tensor]]] = None
         self._updates = 0
         self._saved: list[int] = []
+        self._due: Optional[set[int]] = None
 
     def _params(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
         return [p.detach() for p in pl_module.net.parameters()]
@@ -118,9 +119,11 @@ class PostHocEMA(pl.Callback):
         self._updates += 1
         for gamma, average in zip(self.gammas, self._averages):
             torch._foreach_lerp_(average, current, 1.0 - power_beta(gamma, self._updates))
-        total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else \
-            int(trainer.estimated_stepping_batches)
-        if self._updates in self.snapshot_steps(total) and self._updates not in self._saved:
+        if self._due is None:  # the run's length is known once it runs
+            total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else \
+                int(trainer.estimated_stepping_batches)
+            self._due = set(self.snapshot_steps(total))
+        if self._updates in self._due and self._updates not in self._saved:
             self._write(trainer, pl_module)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
