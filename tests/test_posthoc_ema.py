@@ -134,6 +134,7 @@ def test_snapshots_and_the_sweep_end_to_end(tmp_path):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [float(r["ema_std"]) for r in rows] == [0.05, 0.2] and all(float(r["fid"]) > 0 for r in rows)
     assert (out / "fid_vs_ema_length.png").exists()
+    assert (out / "results.md").read_text().startswith("| ema_std | step | sampler")
     # the reconstructed EMA is an ema.pt: difflab-sample takes it
     proc = _run("difflab.cli.sample", f"ckpt={out / 'ema-0.200.pt'}", "n=4", "sampler=ddim", "sampler.steps=2",
                 "progress=false", f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)

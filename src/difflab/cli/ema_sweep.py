@@ -65,7 +65,7 @@ def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
 
 def write(rows: list[dict[str, Any]], out: Path) -> None:
     report.write_csv(rows, out / "results.csv")
-    table = report.markdown_table(rows)
+    table = report.markdown_table(rows, ("ema_std", "step", *report.MARKDOWN_COLUMNS))
     (out / "results.md").write_text(table)
     plot = report.plot_metrics(rows, out / "fid_vs_ema_length.png", "ema_std", ("fid", "precision", "recall"),
                                group_by=("sampler", "steps", "guidance_scale"))
