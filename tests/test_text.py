@@ -183,6 +183,10 @@ def test_prompts_on_a_model_without_text_are_refused():
         prompts.prompt_conditions(cfg, None, "x.pt", 8)
     with pytest.raises(schema.ConfigError, match="not both"):
         OmegaConf.to_object(_compose("sample", ["ckpt=x", "prompt=a", "prompts=[b]", "paths.output_dir=x"])).validate()
+    for empty in ("prompts=[]", "prompts=['  ']"):  # an empty list is not the default (no prompts given)
+        with pytest.raises(schema.ConfigError, match=r"prompts=\[\] has no prompt"):
+            OmegaConf.to_object(_compose("sample", ["ckpt=x", empty, "paths.output_dir=x"])).validate()
+    OmegaConf.to_object(_compose("sample", ["ckpt=x", "paths.output_dir=x"])).validate()
 
 
 def test_evaluate_scores_prompt_accuracy_on_held_out_templates(text_run, tmp_path):

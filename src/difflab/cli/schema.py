@@ -368,7 +368,7 @@ class SampleConfig(RestorationKnobs):
     task_name: str = "sample"
     class_label: Optional[int] = None
     prompt: Optional[str] = None
-    prompts: list[str] = field(default_factory=list)
+    prompts: Optional[list[str]] = None
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     mode: str = "sample"
     precision: str = "auto"
@@ -390,6 +390,9 @@ class SampleConfig(RestorationKnobs):
         precision.check_precision(self.precision, "precision")
         _check(self.samples_per_input >= 1, "samples_per_input", self.samples_per_input, "an integer >= 1")
         self.validate_restoration()
+        if self.prompts is not None and not [p for p in self.prompts if str(p).strip()]:
+            raise ConfigError("prompts=[] has no prompt: give at least one, e.g. prompts='[a seven,the digit 3]', "
+                              "or leave prompts unset (one class per row, captioned from the training templates)")
         if self.prompt is not None and self.prompts:
             raise ConfigError("set prompt= (every image) or prompts=[...] (one row each), not both")
         if (self.prompt is not None or self.prompts) and self.class_label is not None:
