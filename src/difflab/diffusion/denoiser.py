@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .parameterization import check_output, coefficients
+from .parameterization import check_output, coefficients, is_vp_target
 from .process import (
     predict_eps_from_v,
     predict_eps_from_x0,
@@ -24,7 +24,7 @@ from .process import (
     predict_x0_from_v,
     v_from_x0_eps,
 )
-from .schedule import BETA_SCHEDULES, NoiseSchedule, extract
+from .schedule import NoiseSchedule, extract
 
 Network = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -76,7 +76,7 @@ class Denoiser:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x_0) predicted from x_t with one network call."""
         t = self._batch_timesteps(x, t)
-        if self.schedule.kind not in BETA_SCHEDULES or self.objective not in ("eps", "x0", "v"):
+        if not is_vp_target(self.schedule, self.objective):
             return self._predict_preconditioned(x, t, cond)
         out = self.raw(x, t, cond)
         if self.objective == "eps":
@@ -114,7 +114,7 @@ class Denoiser:
     def v(self, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None) -> torch.Tensor:
         """Predicted velocity v(x_t, t) (Salimans & Ho 2022)."""
         t = self._batch_timesteps(x, t)
-        if self.objective == "v" and self.schedule.kind in BETA_SCHEDULES:
+        if self.objective == "v" and is_vp_target(self.schedule, "v"):
             return self.raw(x, t, cond)
         eps, x0 = self.predict(x, t, cond)
         return v_from_x0_eps(self.schedule, x0, t, eps).to(x.dtype)

@@ -19,13 +19,14 @@ from typing import Any, Optional
 import torch
 
 from .density import Density, Uniform
-from .parameterization import OUTPUTS, check_output, coefficients, output_target
+from .parameterization import OUTPUTS, check_output, coefficients, is_vp_target, output_target
 from .process import q_sample, v_from_x0_eps
-from .schedule import BETA_SCHEDULES, NoiseSchedule
+from .schedule import NoiseSchedule
 from .sigma import t_to_sigma
 from .weighting import MinSNR, Simplified, Weighting
 
 OBJECTIVES = OUTPUTS
+_SIMPLIFIED, _UNIFORM = Simplified(), Uniform()  # the defaults: DDPM's loss and timesteps
 
 __all__ = ["OBJECTIVES", "diffusion_loss", "min_snr_weight", "training_target"]
 
@@ -76,10 +77,10 @@ def diffusion_loss(
     network ran under bf16 autocast.
     """
     check_output(schedule, objective)
-    weighting = weighting if weighting is not None else Simplified()
+    weighting = weighting if weighting is not None else _SIMPLIFIED
     batch = x0.shape[0]
     if t is None:
-        t, sigma = (density or Uniform()).timesteps(schedule, batch, device=x0.device, generator=generator)
+        t, sigma = (density or _UNIFORM).timesteps(schedule, batch, device=x0.device, generator=generator)
     else:
         sigma = schedule.sigmas.to(t.device)[t] if not t.is_floating_point() else \
             t_to_sigma(schedule, t).to(t.device, torch.float32)
@@ -88,7 +89,7 @@ def diffusion_loss(
     sigma = sigma.to(x0.device, torch.float32)
     level = sigma.reshape(batch, *([1] * (x0.ndim - 1)))
     c_in, c_skip, c_out = coefficients(schedule, objective, level)
-    if schedule.kind in BETA_SCHEDULES and objective in ("eps", "x0", "v"):
+    if is_vp_target(schedule, objective):
         xt = q_sample(schedule, x0, t, noise)  # DDPM Alg. 1, bit for bit
         target = training_target(schedule, objective, x0, t, noise)
     else:
@@ -96,6 +97,5 @@ def diffusion_loss(
         target = output_target(objective, x0, noise, level, c_skip, c_out)
     prediction = net(xt, t, cond)
     error = (prediction.float() - target.float()).square().reshape(batch, -1).mean(dim=1)
-    c_out = torch.as_tensor(c_out, dtype=torch.float32, device=x0.device).reshape(-1).expand(batch) \
-        if not isinstance(c_out, torch.Tensor) or c_out.numel() == 1 else c_out.reshape(batch).float()
+    c_out = torch.as_tensor(c_out, dtype=torch.float32, device=x0.device).expand_as(level).reshape(batch)
     return weighting.loss(error, sigma, schedule, c_out).mean()

@@ -31,11 +31,16 @@ from typing import Any
 
 import torch
 
-from .schedule import NoiseSchedule
+from .schedule import BETA_SCHEDULES, NoiseSchedule
 
 OUTPUTS = ("eps", "x0", "v", "velocity", "edm")
 
-__all__ = ["OUTPUTS", "check_output", "coefficients", "output_target"]
+__all__ = ["OUTPUTS", "check_output", "coefficients", "is_vp_target", "output_target"]
+
+
+def is_vp_target(schedule: NoiseSchedule, output: str) -> bool:
+    """A VP schedule with eps / x0 / v: the DDPM formulas apply directly (exact, no x_sigma detour)."""
+    return schedule.kind in BETA_SCHEDULES and output in ("eps", "x0", "v")
 
 
 def check_output(schedule: NoiseSchedule, output: str) -> None:

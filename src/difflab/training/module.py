@@ -28,9 +28,6 @@ from difflab.diffusion.schedule import NoiseSchedule
 from difflab.training.lr import lr_factor
 
 
-_SIMPLIFIED, _UNIFORM = Simplified(), Uniform()  # validation's loss: comparable across recipes
-
-
 class DiffusionModule(pl.LightningModule):
     """U-Net + schedule + objective; AdamW with linear warm-up and optional cosine decay.
 
@@ -132,7 +129,8 @@ class DiffusionModule(pl.LightningModule):
     def loss(self, images: torch.Tensor, cond: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None, train: bool = False) -> torch.Tensor:
         net = self._compiled_net if (self._compiled_net is not None and self.training) else self.net
-        weighting, density = (self.weighting, self.density) if train else (_SIMPLIFIED, _UNIFORM)
+        # Validation: diffusion_loss's defaults (simplified loss, uniform levels), comparable across recipes.
+        weighting, density = (self.weighting, self.density) if train else (None, None)
         return diffusion_loss(self.schedule, net, images, objective=self.hparams.prediction, cond=cond,
                               generator=generator, weighting=weighting, density=density)
 
