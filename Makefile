@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.difflab-installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all bench ablate ablate-methods latent-table clean-outputs
+.PHONY: help install train test test-slow test-all bench ablate ablate-methods latent-table ttq clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench: $(STAMP)  ## img/s, GFLOP/img and share of the matmul peak for difflab's 
 
 latent-table: $(STAMP)  ## pixel vs autoencoder + latent diffusion at the default run's wall time and half of it (~20 min)
 	$(BIN)/python benchmarks/latent_vs_pixel.py $(ARGS)
+
+ttq: $(STAMP)  ## time to quality: difflab's default recipe and the two peers, FID against wall time (~50 min)
+	$(BIN)/python benchmarks/ttq.py $(ARGS)
 
 clean-outputs:  ## delete every run under outputs/ (keeps outputs/README.md)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,0 +1,78 @@
+"""EMA snapshots at wall-clock marks: what a run had learned after 1, 2.5, 5 ... minutes.
+
+`make ttq` scores these to draw FID against wall time; any run can keep them
+(`callbacks=wallclock`). Time counts from `start_time` (a Unix time: the benchmark passes
+the moment it launched the process, so start-up is included), else from when the callback
+was built. Each snapshot is an `ema.pt`-format file, so difflab-sample and difflab-evaluate
+read it, and `wallclock.json` lists every mark with the time and step it was taken at.
+A mark the run does not reach is not written (the json says where the run ended).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from difflab.training.callbacks import ema_payload
+from difflab.training.ema import ema_module
+
+
+def snapshot_name(mark_s: float) -> str:
+    return f"wall-{mark_s:07.1f}s.pt"
+
+
+class WallClockSnapshots(Callback):
+    """Write the EMA weights at each wall-clock mark (seconds), checked after every step."""
+
+    def __init__(self, marks_s: Sequence[float], dirpath: str = "checkpoints/wallclock",
+                 start_time: Optional[float] = None) -> None:
+        marks = [float(m) for m in marks_s]
+        if not marks or any(m <= 0 for m in marks) or marks != sorted(set(marks)):
+            raise ValueError(f"marks_s must be positive, rising seconds, got {list(marks_s)}")
+        self.marks, self.dirpath = marks, Path(dirpath)
+        self.start = time.time() if start_time is None else float(start_time)
+        self.taken: list[dict[str, Any]] = []
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def _pending(self) -> list[float]:
+        return self.marks[len(self.taken):]
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, *args: Any) -> None:
+        pending = self._pending()
+        if not pending or self.elapsed() < pending[0]:
+            return
+        payload = ema_payload(ema_module(trainer, pl_module), trainer) if trainer.is_global_zero else None
+        for mark in pending:  # a slow step can pass several marks: each gets these weights
+            if self.elapsed() < mark:
+                break
+            if payload is not None:
+                self._write(mark, payload, trainer.global_step)
+            self.taken.append({"mark_s": mark, "elapsed_s": round(self.elapsed(), 2), "step": trainer.global_step,
+                               "file": snapshot_name(mark)})
+        self._record(trainer, ended=False)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        self._record(trainer, ended=True)
+
+    def _write(self, mark: float, payload: dict[str, Any], step: int) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / snapshot_name(mark)
+        tmp = path.with_suffix(".tmp")
+        torch.save({**payload, "wallclock": {"mark_s": mark, "elapsed_s": self.elapsed(), "step": step}}, tmp)
+        tmp.replace(path)
+
+    def _record(self, trainer: "pl.Trainer", ended: bool) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        record = {"start_time": self.start, "marks_s": self.marks, "snapshots": self.taken,
+                  "ended": {"elapsed_s": round(self.elapsed(), 2), "step": trainer.global_step} if ended else None}
+        (self.dirpath / "wallclock.json").write_text(json.dumps(record, indent=1) + "\n")
