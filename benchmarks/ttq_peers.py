@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from difflab.training.wallclock import check_marks, snapshot_name
 
 T = 1000
 PEERS = ("diffusers", "lucidrains")
@@ -96,7 +97,7 @@ class Clock:
         while self.due():
             mark = self.marks[len(self.taken)]
             weights = weights or {k: v.detach().cpu().clone() for k, v in state_dict().items()}
-            name = f"wall-{mark:07.1f}s.pt"
+            name = snapshot_name(mark)
             torch.save({"state_dict": weights, "mark_s": mark, "elapsed_s": self.elapsed(), "step": step},
                        self.out / name)
             self.taken.append({"mark_s": mark, "elapsed_s": round(self.elapsed(), 2), "step": step, "file": name})
@@ -217,8 +218,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     start = time.time() if args.start is None else args.start
-    if sorted(set(args.marks)) != args.marks or min(args.marks) <= 0 or not all(map(math.isfinite, args.marks)):
-        parser.error(f"--marks must be positive, rising seconds, got {args.marks}")
+    try:
+        check_marks(args.marks)
+    except ValueError as error:
+        parser.error(f"--{error}")
     bf16 = training_precision(args.peer) if args.precision == "auto" else args.precision == "bf16"
     clock = Clock(args.marks, start, args.out)
     images = train_images(args.seed)

@@ -75,7 +75,7 @@ def test_snapshots_at_the_marks_a_run_passes_as_ema_files(tmp_path):
     assert not (tmp_path / "wall" / "wall-01000.0s.pt").exists()
 
 
-@pytest.mark.parametrize("marks", [[], [0, 10], [20, 10], [10, 10]])
+@pytest.mark.parametrize("marks", [[], [0, 10], [20, 10], [10, 10], [10, float("inf")]])
 def test_marks_must_be_positive_and_rising(marks):
     with pytest.raises(ValueError, match="positive, rising"):
         WallClockSnapshots(marks_s=marks)

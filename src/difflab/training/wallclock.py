@@ -11,6 +11,7 @@ A mark the run does not reach is not written (the json says where the run ended)
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,15 +28,20 @@ def snapshot_name(mark_s: float) -> str:
     return f"wall-{mark_s:07.1f}s.pt"
 
 
+def check_marks(marks_s: Sequence[float]) -> list[float]:
+    """The marks as floats; an error unless they are finite, positive and rising."""
+    marks = [float(m) for m in marks_s]
+    if not marks or not all(0 < m < math.inf for m in marks) or marks != sorted(set(marks)):
+        raise ValueError(f"marks_s must be positive, rising seconds, got {list(marks_s)}")
+    return marks
+
+
 class WallClockSnapshots(Callback):
     """Write the EMA weights at each wall-clock mark (seconds), checked after every step."""
 
     def __init__(self, marks_s: Sequence[float], dirpath: str = "checkpoints/wallclock",
                  start_time: Optional[float] = None) -> None:
-        marks = [float(m) for m in marks_s]
-        if not marks or any(m <= 0 for m in marks) or marks != sorted(set(marks)):
-            raise ValueError(f"marks_s must be positive, rising seconds, got {list(marks_s)}")
-        self.marks, self.dirpath = marks, Path(dirpath)
+        self.marks, self.dirpath = check_marks(marks_s), Path(dirpath)
         self.start = time.time() if start_time is None else float(start_time)
         self.taken: list[dict[str, Any]] = []
 
