@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.difflab-installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all bench ablate ablate-methods latent-table ttq clean-outputs
+.PHONY: help install train test test-slow test-all bench ablate ablate-methods latent-table ttq few-steps clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ latent-table: $(STAMP)  ## pixel vs autoencoder + latent diffusion at the defaul
 
 ttq: $(STAMP)  ## time to quality: difflab's default recipe and the two peers, FID against wall time (~50 min)
 	$(BIN)/python benchmarks/ttq.py $(ARGS)
+
+few-steps: $(STAMP)  ## consistency tuning (ECT) of the default run: FID at 1 and 2 network calls against DDIM / DPM-Solver++ at 10 (~12 min)
+	$(BIN)/python benchmarks/few_steps.py $(ARGS)
 
 clean-outputs:  ## delete every run under outputs/ (keeps outputs/README.md)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

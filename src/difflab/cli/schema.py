@@ -17,7 +17,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from difflab.diffusion import density as densities
 from difflab.diffusion import weighting as weightings
+from difflab.diffusion.consistency import ConsistencyTuning
 from difflab.diffusion.parameterization import OUTPUTS
+from difflab.diffusion.samplers import ConsistencySampler
 from difflab.diffusion.restoration import METHODS as TRAINING_FREE_METHODS
 from difflab.diffusion.schedule import PATHS
 from difflab.models.autoencoder import AutoencoderKL
@@ -37,6 +39,8 @@ AutoencoderLossSchema = builds(AutoencoderModule, populate_full_signature=True, 
                                             "warmup_steps", "lr_schedule", "min_lr_ratio"))
 FirstStageSchema = builds(first_stage_spec, populate_full_signature=True, zen_dataclass={"cls_name": "FirstStage"})
 DENSITY_SCHEMAS = {name: builds(cls, populate_full_signature=True) for name, cls in densities.DENSITIES.items()}
+ConsistencySamplerSchema = builds(ConsistencySampler, populate_full_signature=True)
+ConsistencySchema = builds(ConsistencyTuning, populate_full_signature=True)
 WEIGHTING_SCHEMAS = {name: builds(cls, populate_full_signature=True) for name, cls in weightings.WEIGHTINGS.items()}
 
 
@@ -326,6 +330,8 @@ class TrainConfig:
     autoencoder_loss: Any = None  # stage=autoencoder: an AutoencoderLossSchema node
     p_uncond: float = 0.1
     task: Any = None  # a difflab.training.tasks node that builds each batch's conditions, or null
+    consistency: Any = None  # a ConsistencySchema node: consistency tuning (ECT) of init_from's model
+    init_from: Optional[str] = None  # the trained model a consistency-tuning run starts from (ema.pt / last.ckpt)
     optimized_metric: Optional[str] = "val/loss"
 
 
@@ -561,6 +567,8 @@ def register() -> None:
     cs.store(group="sampler", name="karras_schema", node=KarrasSamplerConfig)
     cs.store(group="sampler", name="dpmpp_schema", node=DPMSolverConfig)
     cs.store(group="sampler", name="pc_schema", node=PCSamplerConfig)
+    cs.store(group="sampler", name="consistency_schema", node=ConsistencySamplerSchema)
+    cs.store(group="consistency", name="schema", node=ConsistencySchema)
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="guidance", name="schema", node=GuidanceConfig)
     cs.store(group="paths", name="schema", node=PathsConfig)
@@ -580,7 +588,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.objective.prediction == "velocity" and schedule.kind != "flow":
         raise ConfigError(f"objective=velocity is the rectified-flow field and needs schedule=flow, not "
                           f"schedule={schedule.kind}: use objective=v (or eps, x0, edm) on this path.")
-    for key in ("density", "weighting"):  # their constructors check their own ranges
+    for key in ("density", "weighting", "consistency"):  # their constructors check their own ranges
         if cfg.get(key) is not None:
             build_checked(key, cfg[key])
     _check(cfg.get("stage", "diffusion") in STAGES, "stage", cfg.get("stage"), " or ".join(STAGES))

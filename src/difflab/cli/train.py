@@ -36,6 +36,7 @@ from difflab.models.first_stage import LatentSpace
 from difflab.models.text import TextExtraMissing, check_vocabulary
 from difflab.training.autoencoder import AutoencoderModule, ReconstructionProbe
 from difflab.training.first_stage import build_latent_space, cache_latents
+from difflab.training.consistency import ConsistencyModule, load_initial_weights
 from difflab.training.module import DiffusionModule
 from difflab.training.tasks import probe_conditions
 
@@ -155,8 +156,15 @@ def _diffusion_module(cfg: DictConfig, datamodule: Any, space: Optional[LatentSp
     decision = resolve_precision(cfg, net, datamodule, task)
     if cfg.schedule.get("sigma_data") is None:  # EDM's sigma_data, measured once and written to config.yaml
         OmegaConf.update(cfg, "schedule.sigma_data", _sigma_data(datamodule, space))
-    module = DiffusionModule(
-        net, instantiate(cfg.schedule), instantiate(cfg.sampler),
+    if cfg.get("init_from"):  # fine-tuning (consistency tuning) starts from a trained model's weights
+        load_initial_weights(cfg.init_from, net, _hydra.plain(cfg))
+    elif cfg.get("consistency") is not None and not cfg.get("ckpt_path"):
+        raise schema.ConfigError("consistency tuning turns a trained model into a few-step sampler: set "
+                                 "init_from=<run>/checkpoints/ema.pt (a difflab-train run of the same model, schedule "
+                                 "and objective)")
+    tuning = {"tuning": schema.build_checked("consistency", cfg.consistency)} if cfg.get("consistency") else {}
+    module = (ConsistencyModule if tuning else DiffusionModule)(
+        net, instantiate(cfg.schedule), instantiate(cfg.sampler), **tuning,
         **_hydra.plain(cfg.objective), **_hydra.plain(cfg.optim),
         density=schema.build_checked("density", cfg.density) if cfg.get("density") else None,
         weighting=schema.build_checked("weighting", cfg.weighting) if cfg.get("weighting") else None, channels_last=cfg.channels_last, compile=cfg.compile,

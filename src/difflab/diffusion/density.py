@@ -28,7 +28,7 @@ import torch
 
 from .schedule import NoiseSchedule
 
-__all__ = ["DENSITIES", "Density", "Last", "LogNormal", "LogitNormal", "Uniform"]
+__all__ = ["DENSITIES", "Density", "Last", "LogNormal", "LogitNormal", "Uniform", "levels_of", "nearest_level"]
 
 
 class Density:
@@ -69,17 +69,24 @@ class Density:
 def levels_of(schedule: NoiseSchedule, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Time inputs and levels for raw ``sigma``: the nearest table entry in log sigma on a VP
     schedule (long), the exact fractional index with sigma clamped to the range on a continuous one."""
-    table = schedule.sigmas.to(sigma.device)
     if schedule.continuous:
         sigma = sigma.clamp(schedule.sigma_min, schedule.sigma_max)
         return schedule.continuous_index(sigma).to(torch.float32), sigma.to(torch.float32)
+    t = nearest_level(schedule, sigma)
+    return t, schedule.sigmas.to(sigma.device)[t]
+
+
+def nearest_level(schedule: NoiseSchedule, sigma: torch.Tensor) -> torch.Tensor:
+    """The index (long) of the table level nearest to each ``sigma``, in log sigma, on any path."""
+    table = schedule.sigmas.to(sigma.device)
+    if table.numel() == 1:
+        return torch.zeros(sigma.shape, dtype=torch.long, device=sigma.device)
     log_table = table.double().log()
-    log_sigma = sigma.clamp(min=1e-300).log()
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).clamp(min=1e-300).log()
     right = torch.searchsorted(log_table, log_sigma).clamp(1, table.numel() - 1)
     left = right - 1
     nearer_left = (log_table[right] - log_sigma).abs() > (log_table[left] - log_sigma).abs()
-    t = torch.where(nearer_left, left, right) if table.numel() > 1 else torch.zeros_like(right)
-    return t, table[t]
+    return torch.where(nearer_left, left, right)
 
 
 def _normal_icdf(u: torch.Tensor) -> torch.Tensor:

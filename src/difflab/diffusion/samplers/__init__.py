@@ -1,13 +1,15 @@
 """Samplers: one module per family, one registry to build them by name.
 
 Discrete-time (integer timesteps from ``timesteps``): ``ddpm``, ``ddim``, ``pc``
-(predictor-corrector with a Langevin corrector). Sigma space (``..sigma``): ``euler`` and
+(predictor-corrector with a Langevin corrector), ``consistency`` (multistep consistency
+sampling: one x_0 prediction per step, for a consistency-tuned model). Sigma space (``..sigma``): ``euler`` and
 ``heun`` (EDM), ``dpmpp`` (DPM-Solver++ 2M on the discrete timestep grid).
 """
 
 from __future__ import annotations
 
 from .base import SPACINGS, Sampler, timesteps
+from .consistency import ConsistencySampler
 from .ddim import DDIMSampler, ddim_invert
 from .ddpm import DDPMSampler
 from .dpm_solver import DPMSolverPPSampler
@@ -21,6 +23,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "heun": HeunSampler,
     "dpmpp": DPMSolverPPSampler,
     "pc": PCSampler,
+    "consistency": ConsistencySampler,
 }
 
 
@@ -35,6 +38,7 @@ __all__ = [
     "PREDICTORS",
     "SAMPLERS",
     "SPACINGS",
+    "ConsistencySampler",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPPSampler",
