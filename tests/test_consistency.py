@@ -124,7 +124,7 @@ def test_loss_at_stage_zero_is_the_weighted_distance_to_x0():
     prediction = net.g.detach()[t].view(-1, 1, 1, 1) * (x0 + sigma * noise) / (sigma**2 + S**2).sqrt()
     distance = (prediction - x0).square().flatten(1).sum(1).sqrt()
     expected = ((sigma.flatten() ** -2 + 1 / S**2) * distance).mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_target_is_not_trained_through():
@@ -191,12 +191,12 @@ TINY = ["data=digits", "data.batch_size=64", "model=unet_tiny", "model.mid_atten
 
 
 def test_tuning_runs_end_to_end_and_refuses_a_model_of_another_path(tmp_path):
-    base, flow, tuned = tmp_path / "base", tmp_path / "flow", tmp_path / "tuned"
-    for run, extra in ((base, []), (flow, ["schedule=flow", "objective=velocity"])):
-        proc = _run("difflab.cli.train", "experiment=digits_tiny", "trainer.max_epochs=1", "callbacks.fid=null",
-                    "callbacks.progress_bar=null", *extra, f"hydra.run.dir={run}", f"paths.root_dir={tmp_path}",
-                    cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    import numpy as np
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    proc = _run("difflab.cli.train", "experiment=digits_tiny", "trainer.max_epochs=1", "callbacks.fid=null",
+                "callbacks.progress_bar=null", f"hydra.run.dir={base}", f"paths.root_dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     start = base / "checkpoints" / "ema.pt"
     proc = _run("difflab.cli.train", "experiment=mnist5k_ect", *TINY, "trainer.max_epochs=1", f"init_from={start}",
                 f"hydra.run.dir={tuned}", f"paths.root_dir={tmp_path}", cwd=tmp_path)
@@ -209,20 +209,41 @@ def test_tuning_runs_end_to_end_and_refuses_a_model_of_another_path(tmp_path):
     proc = _run("difflab.cli.sample", f"ckpt={tuned / 'checkpoints' / 'ema.pt'}", "n=4", "sampler=consistency",
                 "sampler.steps=2", "progress=false", f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    import numpy as np
-
     images = np.load(out / "samples.npz")["images"]
     assert images.shape[0] == 4 and np.isfinite(images).all()
 
-    # A model of another path, no model at all, a bad knob: one message naming the setting, no traceback.
-    cases = [([f"init_from={flow / 'checkpoints' / 'ema.pt'}"], "schedule.kind: checkpoint 'flow', now 'cosine'"),
-             ([], "set init_from="),
-             ([f"init_from={start}", "consistency.q=1"], "consistency: q must be > 1"),
-             ([f"init_from={tmp_path / 'missing.pt'}"], "does not exist")]
-    for args, message in cases:
-        run = tmp_path / "refused"
-        proc = _run("difflab.cli.train", "experiment=mnist5k_ect", *TINY, *args, f"hydra.run.dir={run}",
-                    f"paths.root_dir={tmp_path}", cwd=tmp_path)
-        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-3000:])
-        assert "Traceback" not in proc.stderr
-        assert not (run / "checkpoints").exists()
+    # The same weights said to be a rectified-flow model: refused, naming the path, no traceback.
+    payload = torch.load(start, weights_only=True)
+    payload["run_config"]["schedule"]["kind"] = "flow"
+    payload["run_config"]["objective"]["prediction"] = "velocity"
+    flow = tmp_path / "flow-ema.pt"
+    torch.save(payload, flow)
+    run = tmp_path / "refused"
+    proc = _run("difflab.cli.train", "experiment=mnist5k_ect", *TINY, f"init_from={flow}", f"hydra.run.dir={run}",
+                f"paths.root_dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode != 0 and "schedule.kind: checkpoint 'flow', now 'cosine'" in proc.stderr, proc.stderr[-3000:]
+    assert "schedule=flow objective=velocity" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "set init_from="),
+    (["init_from=START", "consistency.q=1"], "consistency: q must be > 1"),
+    (["init_from=START", "consistency.stages=0"], "consistency: stages must be"),
+    (["init_from=/nowhere/ema.pt"], "does not exist"),
+])
+def test_bad_tuning_settings_name_the_setting(args, message, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from difflab.cli import _hydra, train
+    from difflab.training.checkpoint import CheckpointError
+
+    start = tmp_path / "ema.pt"
+    torch.save({}, start)  # never read: every case stops at its setting first
+    args = [a.replace("START", str(start)) for a in args]
+    _hydra.setup()
+    with initialize_config_dir(config_dir=str(_hydra.config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=mnist5k_ect", *TINY, f"paths.output_dir={tmp_path / 'run'}",
+                                          f"paths.root_dir={tmp_path}", *args])
+    with pytest.raises((ValueError, CheckpointError), match=message):
+        train.build(cfg)

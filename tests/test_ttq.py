@@ -59,10 +59,25 @@ def test_snapshots_at_the_marks_a_run_passes_as_ema_files(tmp_path):
     module = DiffusionModule(net, NoiseSchedule("cosine", 100), DDIMSampler(steps=5), lr=2e-3,
                              run_config={"model": {"in_channels": 1, "image_size": 8}})
     clock = SteppedClock(marks_s=[15, 20, 35, 1000], dirpath=str(tmp_path / "wall"))
+    ema = EMA(decay=0.9)
+
+    class Witness(pl.Callback):  # the EMA and the live weights at step 4, when mark 35 is taken
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step == 4:
+                self.ema = {k: v.clone() for k, v in ema.averaged_module.net.state_dict().items()}
+                self.live = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+
+    witness = Witness()
     trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         enable_checkpointing=False, callbacks=[EMA(decay=0.9), clock], default_root_dir=tmp_path)
+                         enable_checkpointing=False, callbacks=[ema, clock, witness], default_root_dir=tmp_path)
     trainer.fit(module, datamodule=ImageDataModule(name="digits", batch_size=32))
+    assert sorted(p.name for p in (tmp_path / "wall").iterdir()) == [
+        "wall-00015.0s.pt", "wall-00020.0s.pt", "wall-00035.0s.pt", "wallclock.json"]
+    at_35 = load_network_weights(tmp_path / "wall" / "wall-00035.0s.pt")[1]
+    assert all(torch.equal(at_35[k], witness.ema[k]) for k in at_35)  # the EMA weights, not the live ones
+    assert any(not torch.equal(at_35[k], witness.live[k]) for k in at_35)
+    assert clock.state_dict()["taken"] == json.loads((tmp_path / "wall" / "wallclock.json").read_text())["snapshots"]
     record = json.loads((tmp_path / "wall" / "wallclock.json").read_text())
     # step 2 (20 s) passes 15 and 20 at once, step 4 (40 s) passes 35; 1000 s is never reached
     assert [(s["mark_s"], s["step"]) for s in record["snapshots"]] == [(15, 2), (20, 2), (35, 4)]
@@ -73,6 +88,16 @@ def test_snapshots_at_the_marks_a_run_passes_as_ema_files(tmp_path):
     config, _ = load_network_weights(tmp_path / "wall" / record["snapshots"][0]["file"])
     assert config["model"]["image_size"] == 8
     assert not (tmp_path / "wall" / "wall-01000.0s.pt").exists()
+
+
+def test_snapshots_need_the_ema_and_resume_without_rewriting(tmp_path):
+    clock = WallClockSnapshots(marks_s=[10, 20], dirpath=str(tmp_path))
+    trainer = type("T", (), {"callbacks": [clock]})()
+    with pytest.raises(ValueError, match="no EMA callback"):
+        clock.on_fit_start(trainer, None)
+    resumed = WallClockSnapshots(marks_s=[10, 20], dirpath=str(tmp_path))
+    resumed.load_state_dict({"taken": [{"mark_s": 10.0, "elapsed_s": 10.5, "step": 3, "file": "wall-00010.0s.pt"}]})
+    assert resumed._pending() == [20.0]
 
 
 @pytest.mark.parametrize("marks", [[], [0, 10], [20, 10], [10, 10], [10, float("inf")]])

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from difflab.training.callbacks import ema_payload
-from difflab.training.ema import ema_module
+from difflab.training.ema import EMA, ema_module
 
 
 def snapshot_name(mark_s: float) -> str:
@@ -50,6 +50,18 @@ class WallClockSnapshots(Callback):
 
     def _pending(self) -> list[float]:
         return self.marks[len(self.taken):]
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if not any(isinstance(callback, EMA) for callback in trainer.callbacks):
+            raise ValueError("callbacks.wallclock_snapshots keeps the EMA weights at each mark, but this run has no "
+                             "EMA callback: keep callbacks.ema (callbacks=wallclock adds both)")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The marks already taken travel with last.ckpt: a resumed run does not write them again."""
+        return {"taken": list(self.taken)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.taken = list(state_dict.get("taken", []))
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, *args: Any) -> None:
         pending = self._pending()
