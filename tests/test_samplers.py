@@ -148,7 +148,7 @@ def test_bad_spacing_and_sampler_settings():
 
 
 def test_build_sampler_registry():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "heun", "dpmpp", "pc"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "heun", "dpmpp", "pc", "consistency"}
     sampler = build_sampler("ddim", steps=20, eta=0.5)
     assert isinstance(sampler, DDIMSampler) and isinstance(sampler, Sampler)
     assert sampler.steps == 20 and sampler.eta == 0.5

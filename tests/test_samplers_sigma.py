@@ -240,7 +240,7 @@ def test_step_counts_beyond_the_schedule(linear):
 
 
 def test_registry_builds_every_sampler():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "heun", "dpmpp", "pc"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "heun", "dpmpp", "pc", "consistency"}
     for name, cls in SAMPLERS.items():
         sampler = build_sampler(name)
         assert type(sampler) is cls and isinstance(sampler, Sampler)

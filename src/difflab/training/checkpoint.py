@@ -95,10 +95,10 @@ def load_autoencoder(path: str | Path) -> tuple[AutoencoderKL, dict[str, Any]]:
     return autoencoder, dict(payload.get("data") or {})
 
 
-def differences(saved: Any, current: Any, prefix: str) -> list[str]:
+def config_differences(saved: Any, current: Any, prefix: str) -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         keys = sorted(set(saved) | set(current))
-        return [d for k in keys for d in differences(saved.get(k), current.get(k), f"{prefix}.{k}")]
+        return [d for k in keys for d in config_differences(saved.get(k), current.get(k), f"{prefix}.{k}")]
     return [] if saved == current else [f"{prefix}: checkpoint {saved!r}, now {current!r}"]
 
 
@@ -145,15 +145,15 @@ def check_resume_compatible(path: str | Path, run_config: dict[str, Any]) -> Non
     """
     saved, _, _ = read_run_checkpoint(path)
     stage = run_config.get("stage", "diffusion")
-    differences = differences(saved.get("stage", "diffusion"), stage, "stage")
+    differences = config_differences(saved.get("stage", "diffusion"), stage, "stage")
     if stage == "autoencoder":
         keys = ("model", "autoencoder_loss")
-        differences += [d for key in keys for d in differences(saved.get(key), run_config.get(key), key)]
+        differences += [d for key in keys for d in config_differences(saved.get(key), run_config.get(key), key)]
     else:
         keys = ("model", "schedule", "objective", "density", "weighting")
-        differences += differences(saved.get("model"), run_config.get("model"), "model")
+        differences += config_differences(saved.get("model"), run_config.get("model"), "model")
         then, now = training_method(saved), training_method(run_config)
-        differences += [d for key in keys[1:] for d in differences(then[key], now[key], key)]
+        differences += [d for key in keys[1:] for d in config_differences(then[key], now[key], key)]
     if stage != "autoencoder":
         # The first stage (a resume takes it from the checkpoint, so its file does not matter); a
         # checkpoint from before first_stage existed is a pixel-space one.
@@ -161,7 +161,7 @@ def check_resume_compatible(path: str | Path, run_config: dict[str, Any]) -> Non
                   for config in (saved, run_config)]
         for first in stages:
             first["kind"] = first["kind"] or "identity"
-        differences += differences(*stages, "first_stage")
+        differences += config_differences(*stages, "first_stage")
     if differences:
         raise CheckpointError(
             f"cannot resume from {path}: it was trained with another config:\n  " + "\n  ".join(differences)

@@ -18,7 +18,7 @@ import torch
 
 from difflab.diffusion.consistency import ConsistencyTuning
 from difflab.diffusion.denoiser import Denoiser
-from difflab.training.checkpoint import CheckpointError, differences, read_checkpoint, training_method
+from difflab.training.checkpoint import CheckpointError, config_differences, read_checkpoint, training_method
 from difflab.training.module import DiffusionModule
 
 log = logging.getLogger("difflab.consistency")
@@ -52,8 +52,8 @@ def load_initial_weights(path: str | Path, net: torch.nn.Module, run_config: dic
     (a tuned model samples on its schedule and objective); returns the checkpoint's run config."""
     saved, weights, first_stage = read_checkpoint(path)
     then, now = training_method(saved), training_method(run_config)
-    found = differences(saved.get("model"), run_config.get("model"), "model")
-    found += [d for key in ("schedule", "objective") for d in differences(then[key], now[key], key)]
+    found = config_differences(saved.get("model"), run_config.get("model"), "model")
+    found += [d for key in ("schedule", "objective") for d in config_differences(then[key], now[key], key)]
     if first_stage or (saved.get("first_stage") or {}).get("kind", "identity") != "identity":
         found.append("first_stage: the checkpoint is a latent model; consistency tuning runs in pixel space")
     if found:
