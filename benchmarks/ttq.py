@@ -81,14 +81,17 @@ def train_peer(out: Path, peer: str, marks: Sequence[float], precision: str) -> 
             for snap in record["snapshots"]]
 
 
-def difflab_denoiser(path: Path, cache_dir: str) -> tuple[Denoiser, NoiseSchedule]:
+def difflab_denoiser(path: Path, cache_dir: str, precision: str = "auto") -> tuple[Denoiser, NoiseSchedule]:
     run_config, weights, _ = load_model(str(path), torch.device("cpu"))
-    return build_denoiser(run_config, weights, torch.device("cpu"), precision="auto", cache_dir=cache_dir,
+    return build_denoiser(run_config, weights, torch.device("cpu"), precision=precision, cache_dir=cache_dir,
                           batch=256)
 
 
-def peer_denoiser(peer: str, path: Path, cache_dir: str, precision: str = "auto") -> tuple[Denoiser, NoiseSchedule]:
-    net = ttq_peers.peer_network(peer, torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+def peer_denoiser(peer: str, path: Path, cache_dir: str, precision: str = "auto", raw: bool = False
+                  ) -> tuple[Denoiser, NoiseSchedule]:
+    """The peer's EMA weights at a snapshot (``raw``: its live weights) through difflab's Denoiser."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    net = ttq_peers.peer_network(peer, payload["raw_state_dict" if raw else "state_dict"])
     kind, objective = ttq_peers.peer_schedule(peer)
     schedule = NoiseSchedule(kind, ttq_peers.T)
     decision = resolve_inference(precision, "cpu", net, (256, 1, 28, 28), channels_last=False, cache_dir=cache_dir)
@@ -96,8 +99,8 @@ def peer_denoiser(peer: str, path: Path, cache_dir: str, precision: str = "auto"
 
 
 def score(evaluator: SampleEvaluator, denoiser: Denoiser, schedule: NoiseSchedule, n: int, steps: int,
-          seed: int) -> dict[str, float]:
-    sampler = DDIMSampler(steps=steps)
+          seed: int, spacing: str = "leading") -> dict[str, float]:
+    sampler = DDIMSampler(steps=steps, spacing=spacing)
     start = time.perf_counter()
     generated = evaluator.generate(lambda size, cond, g: sampler.sample(denoiser, schedule, (size, 1, 28, 28),
                                                                         generator=g), n,
@@ -126,25 +129,60 @@ def snapshots(folder: Path) -> list[dict[str, Any]]:
 def report(rows: list[dict[str, Any]], here: dict[str, Any], args: argparse.Namespace) -> tuple[str, dict]:
     curve = [(r["elapsed_s"], r["fid"]) for r in rows if r["model"] == "difflab"]
     lines = [f"machine: {here.get('cpu')}, {here.get('threads')} threads, torch {here.get('torch')}; "
-             f"DDIM-{args.steps}, n={args.n}, domain FID", "",
+             f"DDIM-{args.steps} ({args.spacing}), n={args.n}, domain FID, scored in {args.score_precision}", "",
              "| model | mark (s) | taken at (s) | step | train precision | domain FID | precision | recall |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['mark_s']} | {r['elapsed_s']:.0f} | {r['step']} | {r['train_precision']} | "
               f"{r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |" for r in rows]
     ratios = {}
     for peer in args.peers:
-        last = [r for r in rows if r["model"] == peer][-1]
+        last = best_at_last_mark(rows, peer)
+        # The peer's own first time at that quality (its curve need not fall at every mark).
+        peer_s = crossing_time(peer_curve(rows, peer), last["fid"])
         reached = crossing_time(curve, last["fid"])
-        ratios[peer] = {"peer_fid": last["fid"], "peer_s": last["elapsed_s"], "difflab_s": reached,
-                        "times_sooner": None if reached is None else round(last["elapsed_s"] / reached, 2)}
+        ratios[peer] = {"peer_fid": last["fid"], "peer_weights": last["model"], "peer_s": peer_s, "difflab_s": reached,
+                        "times_sooner": None if reached is None else round(peer_s / reached, 2),
+                        "at_each_mark": ratios_at_marks(rows, peer, curve)}
         lines.append("")
         first = reached is not None and reached == curve[0][0]  # already there at its first mark: a bound
         ratios[peer]["lower_bound"] = first
-        lines.append(f"{peer} at {last['elapsed_s']:.0f} s: FID {last['fid']:.2f}; difflab reached it "
+        lines.append(f"{last['model']} at {peer_s:.0f} s: FID {last['fid']:.2f}; difflab reached it "
                      + ("never (within its marks)" if reached is None else
                         f"{'by' if first else 'at'} {reached:.0f} s: {'>= ' if first else ''}"
                         f"{ratios[peer]['times_sooner']:.2f}x sooner"))
+        lines.append("  at each of its marks: " + "; ".join(
+            f"{m['peer_s']:.0f} s FID {m['peer_fid']:.2f} -> " + ("never" if m["difflab_s"] is None else
+                                                               f"{'<=' if m['lower_bound'] else ''}{m['difflab_s']:.0f} s "
+                                                               f"({'>=' if m['lower_bound'] else ''}{m['times_sooner']:.1f}x)")
+            for m in ratios[peer]["at_each_mark"]))
     return "\n".join(lines) + "\n", ratios
+
+
+def peer_curve(rows: list[dict[str, Any]], peer: str) -> list[tuple[float, float]]:
+    """The peer's best FID at each mark, EMA or live weights (when both were scored)."""
+    marks: dict[float, float] = {}
+    for r in rows:
+        if r["model"] in (peer, f"{peer} (raw)"):
+            marks[r["elapsed_s"]] = min(r["fid"], marks.get(r["elapsed_s"], float("inf")))
+    return sorted(marks.items())
+
+
+def best_at_last_mark(rows: list[dict[str, Any]], peer: str) -> dict[str, Any]:
+    """The peer's row at its last mark with the lower FID of its EMA and live weights."""
+    last = max(r["mark_s"] for r in rows if r["model"] == peer)
+    return min((r for r in rows if r["model"] in (peer, f"{peer} (raw)") and r["mark_s"] == last),
+               key=lambda r: r["fid"])
+
+
+def ratios_at_marks(rows: list[dict[str, Any]], peer: str, curve: list[tuple[float, float]]) -> list[dict]:
+    """How much sooner difflab reached the peer's (best) FID at each of the peer's marks."""
+    out = []
+    for seconds, fid in peer_curve(rows, peer):
+        reached = crossing_time(curve, fid)
+        out.append({"peer_s": seconds, "peer_fid": fid, "difflab_s": reached,
+                    "times_sooner": None if reached is None else round(seconds / reached, 2),
+                    "lower_bound": reached is not None and reached == curve[0][0]})
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -174,9 +212,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--n", type=int, default=500, help="samples per snapshot")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0, help="sampling noise seed")
+    parser.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default="leading",
+                        help="DDIM timestep spacing of the scoring (trailing starts at T-1 on every schedule)")
+    parser.add_argument("--score-precision", choices=("auto", "32-true"), default="auto",
+                        help="what every snapshot samples in (32-true: the same arithmetic for all)")
+    parser.add_argument("--raw", action="store_true",
+                        help="also score the peers' live weights; a peer's quality is then the better of the two")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache"))
     parser.add_argument("--train-args", nargs="*", default=[], help="difflab-train overrides (default: none)")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
 
     runs = {"difflab": train_difflab(args.out, args.marks, args.train_args)}
@@ -189,11 +234,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for model, taken in runs.items():
         for snap in taken:
             path = snap.pop("path")
-            denoiser, schedule = (difflab_denoiser(path, args.cache_dir) if model == "difflab"
-                                  else peer_denoiser(model, path, args.cache_dir))
-            rows.append({"model": model, **snap, "file": str(path.relative_to(args.out)),
-                         **score(evaluator, denoiser, schedule, args.n, args.steps, args.seed)})
-            print(json.dumps(rows[-1]), flush=True)
+            weights = [False, True] if model != "difflab" and args.raw else [False]
+            for raw in weights:
+                denoiser, schedule = (difflab_denoiser(path, args.cache_dir, args.score_precision)
+                                      if model == "difflab" else
+                                      peer_denoiser(model, path, args.cache_dir, args.score_precision, raw=raw))
+                rows.append({"model": f"{model} (raw)" if raw else model, **snap,
+                             "file": str(path.relative_to(args.out)),
+                             **score(evaluator, denoiser, schedule, args.n, args.steps, args.seed, args.spacing)})
+                print(json.dumps(rows[-1]), flush=True)
     here = machine()
     text, ratios = report(rows, here, args)
     (args.out / "results.md").write_text(text)

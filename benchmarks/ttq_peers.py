@@ -26,7 +26,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -92,14 +92,17 @@ class Clock:
     def due(self) -> bool:
         return not self.done() and self.elapsed() >= self.marks[len(self.taken)]
 
-    def snapshot(self, state_dict: Callable[[], dict[str, torch.Tensor]], step: int) -> None:
-        weights = None
+    def snapshot(self, state_dict: Callable[[], dict[str, torch.Tensor]], step: int,
+                 raw: Optional[Callable[[], dict[str, torch.Tensor]]] = None) -> None:
+        """Write the EMA weights `state_dict()` (and the live ones, `raw()`) at every passed mark."""
+        weights = live = None
         while self.due():
             mark = self.marks[len(self.taken)]
             weights = weights or {k: v.detach().cpu().clone() for k, v in state_dict().items()}
+            live = live or ({k: v.detach().cpu().clone() for k, v in raw().items()} if raw else None)
             name = snapshot_name(mark)
-            torch.save({"state_dict": weights, "mark_s": mark, "elapsed_s": self.elapsed(), "step": step},
-                       self.out / name)
+            torch.save({"state_dict": weights, "raw_state_dict": live, "mark_s": mark, "elapsed_s": self.elapsed(),
+                        "step": step}, self.out / name)
             self.taken.append({"mark_s": mark, "elapsed_s": round(self.elapsed(), 2), "step": step, "file": name})
         (self.out / "wallclock.json").write_text(json.dumps({"start_time": self.start, "marks_s": self.marks,
                                                              "snapshots": self.taken}, indent=1) + "\n")
@@ -156,7 +159,7 @@ def train_diffusers(images: torch.Tensor, clock: Clock, bf16: bool, seed: int) -
             ema.step(model.parameters())
             step += 1
             if clock.due():
-                clock.snapshot(ema_weights, step)
+                clock.snapshot(ema_weights, step, raw=model.state_dict)
                 if clock.done():
                     return
 
@@ -190,7 +193,8 @@ def train_lucidrains(images: torch.Tensor, clock: Clock, bf16: bool, seed: int) 
     def update_and_snapshot() -> None:
         update()
         if clock.due():
-            clock.snapshot(lambda: trainer.ema.ema_model.model.state_dict(), trainer.step)
+            clock.snapshot(lambda: trainer.ema.ema_model.model.state_dict(), trainer.step,
+                           raw=trainer.model.model.state_dict)
             if clock.done():
                 raise _Stop
 

@@ -134,8 +134,10 @@ def test_peer_clock_writes_each_passed_mark_once(peers, tmp_path):
     clock = peers.Clock([1.0, 2.0, 50.0], start=0.0, out=tmp_path)
     clock.elapsed = lambda: 2.5
     calls = []
-    clock.snapshot(lambda: calls.append(1) or {"w": torch.ones(1)}, step=7)
+    clock.snapshot(lambda: calls.append(1) or {"w": torch.ones(1)}, step=7, raw=lambda: {"w": torch.zeros(1)})
     assert [s["mark_s"] for s in clock.taken] == [1.0, 2.0] and len(calls) == 1 and not clock.due()
+    payload = torch.load(tmp_path / clock.taken[0]["file"], weights_only=True)
+    assert payload["state_dict"]["w"] == 1 and payload["raw_state_dict"]["w"] == 0  # EMA and live weights
     assert json.loads((tmp_path / "wallclock.json").read_text())["snapshots"][1]["step"] == 7
 
 
@@ -153,8 +155,29 @@ def test_report_gives_the_ratio_to_each_peer(ttq):
              "precision": 0.5, "recall": 0.5} for m, s, f in
             [("difflab", 30, 60.0), ("difflab", 60, 20.0), ("diffusers", 600, 40.0), ("lucidrains", 600, 100.0)]]
     text, ratios = ttq.report(rows, {"cpu": "x", "threads": 2, "torch": "t"},
-                              argparse.Namespace(peers=["diffusers", "lucidrains"], steps=50, n=500))
+                              argparse.Namespace(peers=["diffusers", "lucidrains"], steps=50, n=500,
+                                                 spacing="leading", score_precision="auto"))
     assert ratios["diffusers"]["difflab_s"] == pytest.approx(45.0)
     assert ratios["diffusers"]["times_sooner"] == pytest.approx(600 / 45, abs=0.01)
     assert ratios["lucidrains"]["lower_bound"] and ratios["lucidrains"]["times_sooner"] == 20.0
     assert "13.33x sooner" in text and ">= 20.00x sooner" in text
+
+
+def test_a_peer_is_judged_by_its_better_weights_and_its_first_time_there(ttq):
+    import argparse
+
+    rows = [{"model": m, "mark_s": s, "elapsed_s": s, "step": 1, "train_precision": "32-true", "fid": f,
+             "precision": 0.5, "recall": 0.5} for m, s, f in
+            [("difflab", 30, 60.0), ("difflab", 60, 20.0), ("difflab", 90, 10.0),
+             ("diffusers", 300, 30.0), ("diffusers (raw)", 300, 25.0),
+             ("diffusers", 600, 40.0), ("diffusers (raw)", 600, 20.0)]]
+    text, ratios = ttq.report(rows, {"cpu": "x", "threads": 2, "torch": "t"},
+                              argparse.Namespace(peers=["diffusers"], steps=50, n=500, spacing="trailing",
+                                                 score_precision="32-true"))
+    # The live weights beat the EMA at 600 s: the peer's quality is FID 20, which difflab reached at 60 s.
+    assert ratios["diffusers"]["peer_fid"] == 20.0 and ratios["diffusers"]["peer_weights"] == "diffusers (raw)"
+    assert ratios["diffusers"]["difflab_s"] == pytest.approx(60.0) and ratios["diffusers"]["times_sooner"] == 10.0
+    marks = ratios["diffusers"]["at_each_mark"]
+    assert [(m["peer_s"], m["peer_fid"]) for m in marks] == [(300, 25.0), (600, 20.0)]
+    assert marks[0]["difflab_s"] == pytest.approx(56.25)  # FID 25 between (30 s, 60) and (60 s, 20)
+    assert "DDIM-50 (trailing)" in text and "scored in 32-true" in text
