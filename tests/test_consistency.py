@@ -205,8 +205,12 @@ def test_tuning_runs_end_to_end_and_refuses_a_model_of_another_path(tmp_path):
     after = torch.load(tuned / "checkpoints" / "ema.pt", weights_only=True)["state_dict"]
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     assert (tuned / "samples" / "final.png").is_file()
+    # Exported to safetensors (difflab-export), the tuned model samples from that file.
+    proc = _run("difflab.cli.export", f"ckpt={tuned / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'ect.safetensors'}",
+                f"hydra.run.dir={tmp_path / 'export'}", cwd=tmp_path)
+    assert proc.returncode == 0 and (tmp_path / "ect.safetensors").is_file(), proc.stderr[-4000:]
     out = tmp_path / "sampled"
-    proc = _run("difflab.cli.sample", f"ckpt={tuned / 'checkpoints' / 'ema.pt'}", "n=4", "sampler=consistency",
+    proc = _run("difflab.cli.sample", f"ckpt={tmp_path / 'ect.safetensors'}", "n=4", "sampler=consistency",
                 "sampler.steps=2", "progress=false", f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     images = np.load(out / "samples.npz")["images"]

@@ -1,7 +1,9 @@
-"""Read what a run left behind (`last.ckpt`, `ema.pt`) without running any code in it."""
+"""Read what a run left behind (`last.ckpt`, `ema.pt`, a difflab-export `.safetensors`) without running any
+code in it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,34 @@ from difflab.models.autoencoder import AUTOENCODER_FORMAT, AutoencoderKL
 from difflab.training.callbacks import EMA_FORMAT
 
 
+SAFETENSORS_FORMAT = "difflab.safetensors/1"  # difflab-export's files (training.export)
+
+
 class CheckpointError(ValueError):
     """The file is missing, unreadable, or not a difflab checkpoint."""
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(run_config, network weights, first-stage weights) of a difflab-export file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"could not read {path} as a safetensors file ({error}). Is it a file difflab-export "
+                              "wrote?") from error
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file, but not one difflab-export wrote (its metadata has no "
+                              f"'format': {SAFETENSORS_FORMAT!r}, so nothing says how to rebuild the network).")
+    try:
+        config = json.loads(metadata["run_config"])
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: its run config is missing or damaged ({error}).") from error
+    weights = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
+    first_stage = {k[len("first_stage."):]: v for k, v in tensors.items() if k.startswith("first_stage.")}
+    return config, weights, first_stage
 
 
 def load_network_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -55,6 +83,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
 def read_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """`read_checkpoint` for the checkpoint of any difflab-train run (an autoencoder run's too)."""
     path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        config, weights, first_stage = _read_safetensors(path)
+        if not config or "model" not in config or not weights:
+            raise CheckpointError(f"{path} has no run config or network weights; it was not written by "
+                                  "difflab-export.")
+        return config, weights, first_stage
     payload = _read_payload(path, "ckpt=<run>/checkpoints/last.ckpt or ckpt=<run>/checkpoints/ema.pt")
     first_stage: dict[str, torch.Tensor] = {}
     if payload.get("format") == AUTOENCODER_FORMAT:
