@@ -38,6 +38,7 @@ from difflab.training.autoencoder import AutoencoderModule, ReconstructionProbe
 from difflab.training.first_stage import build_latent_space, cache_latents
 from difflab.training.consistency import ConsistencyModule, load_initial_weights
 from difflab.training.module import DiffusionModule
+from difflab.training.nonfinite import NonFiniteLossError
 from difflab.training.tasks import probe_conditions
 
 log = logging.getLogger("difflab.train")
@@ -170,7 +171,7 @@ def _diffusion_module(cfg: DictConfig, datamodule: Any, space: Optional[LatentSp
         weighting=schema.build_checked("weighting", cfg.weighting) if cfg.get("weighting") else None, channels_last=cfg.channels_last, compile=cfg.compile,
         p_uncond=cfg.p_uncond, guidance_scale=cfg.guidance.scale,
         task=task, first_stage=space, latents_cached=bool(space is not None and datamodule.serves_other_inputs),
-        run_config=_hydra.plain(cfg),
+        nonfinite=cfg.nonfinite, run_config=_hydra.plain(cfg),
     )
     return module, decision
 
@@ -222,6 +223,10 @@ def build(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, 
                      ValidateAtEnd()]
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks) + tracking.callbacks(cfg) + run_callbacks,
                           logger=_instantiate_all(cfg.logger) or False)
+    if cfg.get("nonfinite") == "skip" and trainer.world_size > 1:
+        # A step skipped on one rank only would leave the others waiting in the gradient all-reduce.
+        raise schema.ConfigError("nonfinite=skip works on one device: with several, use nonfinite=stop and resume "
+                                 "from last.ckpt.")
     if getattr(module, "discriminator", None) is not None and trainer.world_size > 1:
         # Two backward passes per step, the discriminator idle before disc_start: not what DDP's reducer expects.
         raise schema.ConfigError("autoencoder_loss=kl_gan (a discriminator) trains on one device for now: use "
@@ -278,7 +283,7 @@ def main(cfg: DictConfig) -> float | None:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         write_result(output_dir, status, time.perf_counter() - start, {}, f"{type(error).__name__}: {error}")
         if not isinstance(error, (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError,
-                                  precision.PrecisionError)):
+                                  precision.PrecisionError, NonFiniteLossError)):
             raise
         log.error("%s", error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:

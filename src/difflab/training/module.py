@@ -26,6 +26,7 @@ from difflab.diffusion.guidance import ClassifierFreeGuidance, drop_labels
 from difflab.diffusion.losses import diffusion_loss
 from difflab.diffusion.schedule import NoiseSchedule
 from difflab.training.lr import lr_factor
+from difflab.training.nonfinite import NonFiniteGuard
 
 
 class DiffusionModule(pl.LightningModule):
@@ -51,6 +52,8 @@ class DiffusionModule(pl.LightningModule):
         first_stage: a frozen ``LatentSpace`` (latent diffusion): batches are encoded (or read
             from the latent cache) before the loss, and samples are decoded. None: pixel space.
         latents_cached: the loaders serve the first stage's cached moments, not images.
+        nonfinite: what a NaN or infinite training loss does: "stop" (before the update, naming the
+            step and the last finite loss) or "skip" (that update); see difflab.training.nonfinite.
         run_config: the resolved run configuration, stored in checkpoints so that the
             network, schedule and sampler can be rebuilt from the checkpoint alone.
     """
@@ -61,7 +64,7 @@ class DiffusionModule(pl.LightningModule):
                  lr_schedule: str = "constant", min_lr_ratio: float = 0.1, channels_last: bool = True,
                  compile: bool = False, p_uncond: float = 0.1, guidance_scale: Optional[float] = None,
                  task: Any = None, first_stage: Optional[nn.Module] = None, latents_cached: bool = False,
-                 run_config: Optional[dict] = None) -> None:
+                 nonfinite: str = "stop", run_config: Optional[dict] = None) -> None:
         super().__init__()
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond={p_uncond} must be in [0, 1).")
@@ -79,6 +82,7 @@ class DiffusionModule(pl.LightningModule):
         self.schedule = schedule
         self.sampler = sampler
         self._compiled_net: Optional[nn.Module] = None
+        self.nonfinite = NonFiniteGuard(nonfinite)
 
     # -- training ---------------------------------------------------------------------
     @property
@@ -136,7 +140,9 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, cond = self._batch(batch, train=True)
-        loss = self.loss(images, cond, train=True)
+        loss = self.nonfinite.check(self.loss(images, cond, train=True), self.global_step)
+        if loss is None:  # nonfinite=skip: no backward, no optimizer step for this batch
+            return None
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
         return loss
 
