@@ -332,6 +332,7 @@ class TrainConfig:
     task: Any = None  # a difflab.training.tasks node that builds each batch's conditions, or null
     consistency: Any = None  # a ConsistencySchema node: consistency tuning (ECT) of init_from's model
     init_from: Optional[str] = None  # the trained model a consistency-tuning run starts from (ema.pt / last.ckpt)
+    resume: Optional[str] = None  # auto: go on from the run directory's own last.ckpt if it has one
     nonfinite: str = "stop"  # a NaN / infinite training loss: stop (before the update) | skip (that update)
     optimized_metric: Optional[str] = "val/loss"
 
@@ -587,6 +588,7 @@ def validate(cfg: DictConfig) -> None:
             node.validate(key)
     _check(0.0 <= cfg.p_uncond < 1.0, "p_uncond", cfg.p_uncond, "a number in [0, 1)")
     _check(cfg.get("nonfinite", "stop") in ("stop", "skip"), "nonfinite", cfg.get("nonfinite"), "stop or skip")
+    _check(cfg.get("resume") in (None, "auto"), "resume", cfg.get("resume"), "null or auto")
     if cfg.objective.prediction == "velocity" and schedule.kind != "flow":
         raise ConfigError(f"objective=velocity is the rectified-flow field and needs schedule=flow, not "
                           f"schedule={schedule.kind}: use objective=v (or eps, x0, edm) on this path.")

@@ -32,6 +32,7 @@ from difflab.metrics import report
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
 from difflab.training import precision, tracking
 from difflab.training.budget import StepBudget, ValidateAtEnd
+from difflab.training.callbacks import LastCheckpoint, interruption
 from difflab.models.first_stage import LatentSpace
 from difflab.models.text import TextExtraMissing, check_vocabulary
 from difflab.training.autoencoder import AutoencoderModule, ReconstructionProbe
@@ -237,6 +238,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, 
 def train_run(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the composed experiment; return the final logged metrics and the run's outcome
     (status ok | stopped_early, steps, planned_steps, the precision decision)."""
+    resume_auto(cfg)
     module, datamodule, trainer = build(cfg)
     budget = next(cb for cb in trainer.callbacks if isinstance(cb, StepBudget))
     try:
@@ -246,11 +248,44 @@ def train_run(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if cfg.ckpt_path:
             check_resume_compatible(cfg.ckpt_path, module.hparams.run_config)
         if cfg.train:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            fit(trainer, module, datamodule, cfg.ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         return metrics, {"status": "ok", **budget.record, **budget.outcome}
     finally:
         tracking.finish(trainer)  # one W&B run per job, also in a multirun's single process
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run; its state is in last.ckpt (the message says how to go on)."""
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, ckpt_path: Optional[str]) -> None:
+    """trainer.fit, with a signal's stop (Lightning turns Ctrl-C into SystemExit) as RunInterrupted."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException as error:
+        last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+        kind = interruption(error) or (last.interrupted if last is not None else None)
+        if kind is None:
+            raise
+        saved = (f"its state at step {trainer.global_step} is in {last.path}; resume with "
+                 f"ckpt_path={last.path}, or rerun the same command with resume=auto and the same run directory"
+                 if last is not None and last.path.is_file() else "no checkpoint was written")
+        raise RunInterrupted(f"{kind} stopped the run: {saved}") from None
+
+
+def resume_auto(cfg: DictConfig) -> None:
+    """``resume=auto``: a run whose directory already holds a last.ckpt (a requeued or restarted job
+    with the same ``hydra.run.dir`` or ``DIFFLAB_RUN_ID``) goes on from it."""
+    if cfg.get("resume") != "auto" or cfg.get("ckpt_path"):
+        return
+    node = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
+    last = Path(node.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints") / "last.ckpt"
+    if last.is_file():
+        log.info("resume=auto: going on from %s", last)
+        OmegaConf.update(cfg, "ckpt_path", str(last))
+    else:
+        log.info("resume=auto: no %s yet, starting fresh", last)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -280,10 +315,10 @@ def main(cfg: DictConfig) -> float | None:
         with _ddp.job_scope():  # the next job of a multirun starts from a clean DDP state
             metrics, outcome = train_run(cfg)
     except BaseException as error:
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        status = "interrupted" if isinstance(error, (KeyboardInterrupt, RunInterrupted)) else "failed"
         write_result(output_dir, status, time.perf_counter() - start, {}, f"{type(error).__name__}: {error}")
         if not isinstance(error, (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError,
-                                  precision.PrecisionError, NonFiniteLossError)):
+                                  precision.PrecisionError, NonFiniteLossError, RunInterrupted)):
             raise
         log.error("%s", error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:

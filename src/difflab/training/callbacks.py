@@ -155,6 +155,17 @@ class ExportEMA(EveryNEpochs):
         tmp.replace(self.path)
 
 
+def interruption(exception: BaseException) -> Optional[str]:
+    """"SIGTERM" or "SIGINT" if ``exception`` is how Lightning reports that signal, else None."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(exception, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(exception, KeyboardInterrupt):
+        return "SIGINT"
+    return None
+
+
 class LastCheckpoint(EveryNEpochs):
     """Keep `<dirpath>/last.ckpt` current: every `every_n_epochs` epochs and at the end of
     fit, whatever ended it (max_epochs, max_steps, max_time).
@@ -169,10 +180,22 @@ class LastCheckpoint(EveryNEpochs):
     def __init__(self, dirpath: str = "checkpoints", every_n_epochs: int = 5) -> None:
         super().__init__(every_n_epochs)
         self.dirpath = Path(dirpath)
+        self.interrupted: Optional[str] = None  # "SIGTERM" / "SIGINT" once a signal stopped the run
 
     @property
     def path(self) -> Path:
         return self.dirpath / "last.ckpt"
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """SIGTERM (preemption) or SIGINT (Ctrl-C): Lightning stops at the next step boundary; the
+        state there is written as last.ckpt (atomically), so a resume goes on from that step."""
+        kind = interruption(exception)
+        if kind is None:
+            return
+        self.interrupted = kind
+        if trainer.global_step > 0:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            self.run(trainer, pl_module, "interrupted")
 
     def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
         tmp = self.dirpath / f".last.ckpt.tmp{os.getpid()}"

@@ -1,0 +1,60 @@
+"""Preemption: SIGTERM (and Ctrl-C) during training write last.ckpt at that step and end the run
+as `interrupted`; the same command with resume=auto goes on from it in the same directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+RUN = ["experiment=digits_tiny", "trainer.max_epochs=1000", "callbacks.fid=null", "callbacks.sample_grid=null",
+       "callbacks.progress_bar=null", "callbacks.last_checkpoint.every_n_epochs=1000"]
+
+
+def _start(args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "difflab.cli.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig, name", [(signal.SIGTERM, "SIGTERM"),
+                                       pytest.param(signal.SIGINT, "SIGINT", marks=pytest.mark.slow)])
+def test_a_signal_checkpoints_and_resume_auto_goes_on(tmp_path, sig, name):
+    run = tmp_path / "run"
+    args = [*RUN, f"hydra.run.dir={run}", f"paths.root_dir={tmp_path}"]
+    proc = _start(args, tmp_path)
+    log = run / "train.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.is_file() and "steps/s" in log.read_text()):
+        time.sleep(0.2)  # the step-rate line comes after the first steps: training is under way
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and f"{name} stopped the run" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "interrupted"
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
+    assert step > 0 and f"step {step}" in stderr
+
+    # The same command, resume=auto, a few more steps: it goes on from that step in the same directory.
+    done = subprocess.run([sys.executable, "-m", "difflab.cli.train", *args, "resume=auto",
+                           f"trainer.max_steps={step + 3}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resume=auto: going on from" in (run / "train.log").read_text()
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] in ("ok", "stopped_early") and result["steps"] == step + 3
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint(tmp_path):
+    run = tmp_path / "fresh"
+    proc = subprocess.run([sys.executable, "-m", "difflab.cli.train", "experiment=digits_tiny", "trainer.max_epochs=1",
+                           "callbacks.fid=null", "callbacks.progress_bar=null", "resume=auto",
+                           f"hydra.run.dir={run}", f"paths.root_dir={tmp_path}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resume=auto: no" in (run / "train.log").read_text()
