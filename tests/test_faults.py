@@ -29,7 +29,7 @@ def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, damage):
 def _writer(path: str, rounds: int, seed: int) -> None:
     key = {"dataset": "x", "image_size": 8}
     for i in range(rounds):
-        cache.save(Path(path), key, features=torch.full((200_000,), float(seed * 1000 + i)))
+        cache.save(Path(path), key, features=torch.full((50_000,), float(seed * 1000 + i)))
 
 
 def test_parallel_writers_leave_one_readable_cache(tmp_path):
@@ -37,7 +37,7 @@ def test_parallel_writers_leave_one_readable_cache(tmp_path):
     path = tmp_path / "features.pt"
     key = {"dataset": "x", "image_size": 8}
     context = multiprocessing.get_context("spawn")
-    writers = [context.Process(target=_writer, args=(str(path), 15, seed)) for seed in (1, 2)]
+    writers = [context.Process(target=_writer, args=(str(path), 10, seed)) for seed in (1, 2)]
     for process in writers:
         process.start()
     while any(process.is_alive() for process in writers):
@@ -46,9 +46,9 @@ def test_parallel_writers_leave_one_readable_cache(tmp_path):
         assert payload is not None or not existed  # once there, it always reads (None: unreadable)
         if payload is not None:  # never half-written: a whole tensor of one writer's one value
             values = payload["features"]
-            assert values.numel() == 200_000 and bool((values == values[0]).all())
+            assert values.numel() == 50_000 and bool((values == values[0]).all())
     for process in writers:
         process.join()
         assert process.exitcode == 0
     final = cache.load(path, key, "test")["features"]
-    assert float(final[0]) in (1014.0, 2014.0) and not list(tmp_path.glob("*.tmp*"))
+    assert float(final[0]) in (1009.0, 2009.0) and not list(tmp_path.glob("*.tmp*"))

@@ -28,6 +28,10 @@ class ConsistencyModule(DiffusionModule):
 
     def __init__(self, *args: Any, tuning: ConsistencyTuning, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The tuning object is rebuilt from run_config["consistency"]; kept out of the hyperparameters,
+        # a checkpoint holds only tensors and plain values and loads with weights_only=True.
+        for hparams in (self.hparams, getattr(self, "_hparams_initial", {})):
+            hparams.pop("tuning", None)
         self.tuning = tuning
 
     def current_stage(self) -> int:
