@@ -23,6 +23,7 @@ from difflab.training.module import DiffusionModule
 
 log = logging.getLogger("difflab.consistency")
 
+
 class ConsistencyModule(DiffusionModule):
     """A ``DiffusionModule`` whose training loss is ``tuning``'s; the stage follows the step."""
 
@@ -50,28 +51,27 @@ class ConsistencyModule(DiffusionModule):
         return self.tuning.loss(denoiser, images, stage, cond, generator)
 
 
-def load_initial_weights(path: str | Path, net: torch.nn.Module, run_config: dict[str, Any]) -> dict[str, Any]:
-    """Load ``path``'s network weights (EMA for a last.ckpt or an ema.pt) into ``net``, after
-    checking that it is the same network on the same path with the same output as ``run_config``
-    (a tuned model samples on its schedule and objective); returns the checkpoint's run config."""
+def load_initial_weights(path: str | Path, net: torch.nn.Module, run_config: dict[str, Any]) -> None:
+    """``init_from``: load ``path``'s network weights (EMA for a last.ckpt or an ema.pt) into ``net``,
+    after checking that it is the same network on the same path with the same output as
+    ``run_config`` (a tuned model samples on its schedule and objective)."""
     saved, weights, first_stage = read_checkpoint(path)
     then, now = training_method(saved), training_method(run_config)
     found = config_differences(saved.get("model"), run_config.get("model"), "model")
     found += [d for key in ("schedule", "objective") for d in config_differences(then[key], now[key], key)]
     if first_stage or (saved.get("first_stage") or {}).get("kind", "identity") != "identity":
-        found.append("first_stage: the checkpoint is a latent model; consistency tuning runs in pixel space")
+        found.append("first_stage: the checkpoint is a latent model; init_from takes pixel-space models")
     if found:
         named = (f"schedule={(saved.get('schedule') or {}).get('kind')} "
                  f"objective={(saved.get('objective') or {}).get('prediction')}")
-        raise CheckpointError(f"init_from={path} cannot be consistency-tuned by this run: it was trained with "
-                              "another config:\n  " + "\n  ".join(found)
-                              + f"\nTune it with that run's model, schedule and objective ({named}; see its "
+        raise CheckpointError(f"init_from={path} does not fit this run: it was trained with another config:\n  "
+                              + "\n  ".join(found)
+                              + f"\nStart from it with that run's model, schedule and objective ({named}; see its "
                               "config.yaml).")
     try:
         net.load_state_dict(weights)
     except RuntimeError as error:
         raise CheckpointError(f"init_from={path}: its weights do not fit this network "
                               f"({str(error).splitlines()[0]})") from error
-    log.info("consistency tuning starts from the weights of %s", path)
-    return saved
+    log.info("starting from the weights of %s", path)
 

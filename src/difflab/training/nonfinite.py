@@ -6,7 +6,8 @@ so far stay as they were: ``last.ckpt`` is the last good state, and resuming fro
 ``optim.lr`` (or ``nonfinite=skip``) goes on from there. Skipping returns no loss from the
 training step, which Lightning takes as "no backward, no optimizer step"; after ``max_skips`` bad
 steps in a row the run stops as with ``stop``, since a model that only produces NaN is not
-recovering.
+recovering. The check reads one scalar per step on the host: free on the CPU, a short wait for the
+step's kernels on a GPU, and what stopping before the update costs.
 """
 
 from __future__ import annotations
