@@ -23,7 +23,7 @@ install: $(STAMP)  ## create .venv and install difflab with the dev extra
 train: $(STAMP)  ## train the default experiment (mnist5k, 4.5-15 min on 2 CPU cores); ARGS="key=value ..." to override
 	$(BIN)/difflab-train $(ARGS)
 
-test: $(STAMP)  ## the default test suite (~6 min on 2 cores)
+test: $(STAMP)  ## the default test suite (7-10 min on 2 cores)
 	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile $(ARGS)
 
 test-slow: $(STAMP)  ## only the slow tests
