@@ -21,6 +21,7 @@ from pathlib import Path
 
 from latent_vs_pixel import ROOT, run, train
 
+from difflab.metrics import report
 from difflab.training.precision import machine
 
 COLUMNS = ("model", "sampler", "steps", "nfe", "fid", "precision", "recall", "class_coverage", "seconds")
@@ -53,8 +54,8 @@ def main() -> None:
     rows = evaluate(out, "trained", ckpt, "[ddim,dpmpp,consistency]", "[1,2,10]")
     rows += evaluate(out, "tuned", tuned["dir"] / "checkpoints" / "ema.pt", "[consistency]", "[1,2]")
     rows = [r for r in rows if not (r["sampler"] == "consistency" and r["steps"] == "10")]
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row.get(k)) for k in COLUMNS) + " |" for row in rows]
+    rows = [{k: _number(v) for k, v in row.items()} for row in rows]
+    lines = [report.markdown_table(rows, COLUMNS)]
     here = machine()
     lines.insert(0, f"machine: {here.get('cpu')}, {here.get('threads')} threads, torch {here.get('torch')}; "
                     f"training {base_seconds and round(base_seconds)} s, tuning {round(tuned['seconds'])} s "
@@ -66,12 +67,12 @@ def main() -> None:
     print(f"\n{out / 'results.md'}")
 
 
-def _cell(value: object) -> str:
+def _number(value: str) -> object:
+    """A results.csv cell as a number where it is one (the table formats numbers alike)."""
     try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return str(value)
-    return f"{number:.2f}" if not number.is_integer() else str(int(number))
+        return float(value) if "." in value or "e" in value else int(value)
+    except ValueError:
+        return value
 
 
 if __name__ == "__main__":

@@ -85,10 +85,16 @@ def read_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, tor
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
         config, weights, first_stage = _read_safetensors(path)
-        if not config or "model" not in config or not weights:
-            raise CheckpointError(f"{path} has no run config or network weights; it was not written by "
-                                  "difflab-export.")
-        return config, weights, first_stage
+    else:
+        config, weights, first_stage = _read_torch_checkpoint(path)
+    if not config or "model" not in config or not weights:
+        raise CheckpointError(f"{path} has no run config or network weights; it was not written by difflab-train "
+                              "or difflab-export.")
+    return config, weights, first_stage
+
+
+def _read_torch_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(run_config, network weights, first-stage weights) of a last.ckpt or an ema.pt."""
     payload = _read_payload(path, "ckpt=<run>/checkpoints/last.ckpt or ckpt=<run>/checkpoints/ema.pt")
     first_stage: dict[str, torch.Tensor] = {}
     if payload.get("format") == AUTOENCODER_FORMAT:
@@ -105,8 +111,6 @@ def read_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, tor
     else:
         raise CheckpointError(f"{path} is not a difflab checkpoint: it has neither an EMA export "
                               f"('format': {EMA_FORMAT!r}) nor a Lightning 'state_dict' with difflab hyperparameters.")
-    if not config or "model" not in config or not weights:
-        raise CheckpointError(f"{path} has no run config or network weights; it was not written by difflab-train.")
     return config, weights, first_stage
 
 
@@ -171,6 +175,14 @@ def is_regression(config: dict[str, Any]) -> bool:
     return str(training_method(config)["density"].get("_target_", "")).endswith(".Last")
 
 
+def method_differences(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """The model and the training-method ``keys`` (schedule, objective, density, weighting) that
+    differ between two diffusion run configs, old runs read in today's terms (``training_method``)."""
+    then, now = training_method(saved), training_method(current)
+    return config_differences(saved.get("model"), current.get("model"), "model") + \
+        [d for key in keys for d in config_differences(then[key], now[key], key)]
+
+
 def check_resume_compatible(path: str | Path, run_config: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint of another network or objective, naming the keys.
 
@@ -185,9 +197,7 @@ def check_resume_compatible(path: str | Path, run_config: dict[str, Any]) -> Non
         differences += [d for key in keys for d in config_differences(saved.get(key), run_config.get(key), key)]
     else:
         keys = ("model", "schedule", "objective", "density", "weighting")
-        differences += config_differences(saved.get("model"), run_config.get("model"), "model")
-        then, now = training_method(saved), training_method(run_config)
-        differences += [d for key in keys[1:] for d in config_differences(then[key], now[key], key)]
+        differences += method_differences(saved, run_config, keys[1:])
     if stage != "autoencoder":
         # The first stage (a resume takes it from the checkpoint, so its file does not matter); a
         # checkpoint from before first_stage existed is a pixel-space one.

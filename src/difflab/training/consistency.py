@@ -18,7 +18,7 @@ import torch
 
 from difflab.diffusion.consistency import ConsistencyTuning
 from difflab.diffusion.denoiser import Denoiser
-from difflab.training.checkpoint import CheckpointError, config_differences, read_checkpoint, training_method
+from difflab.training.checkpoint import CheckpointError, method_differences, read_checkpoint
 from difflab.training.module import DiffusionModule
 
 log = logging.getLogger("difflab.consistency")
@@ -43,8 +43,7 @@ class ConsistencyModule(DiffusionModule):
              generator: Optional[torch.Generator] = None, train: bool = False) -> torch.Tensor:
         if not train:  # validation: the plain denoising loss (see the module doc)
             return super().loss(images, cond, generator, train)
-        net = self._compiled_net if (self._compiled_net is not None and self.training) else self.net
-        denoiser = Denoiser(net, self.schedule, self.hparams.prediction, clip_range=None)
+        denoiser = Denoiser(self.training_net, self.schedule, self.hparams.prediction, clip_range=None)
         stage = self.current_stage()
         if self._trainer is not None:
             self.log("train/stage", float(stage), on_step=True, on_epoch=False)
@@ -56,9 +55,7 @@ def load_initial_weights(path: str | Path, net: torch.nn.Module, run_config: dic
     after checking that it is the same network on the same path with the same output as
     ``run_config`` (a tuned model samples on its schedule and objective)."""
     saved, weights, first_stage = read_checkpoint(path)
-    then, now = training_method(saved), training_method(run_config)
-    found = config_differences(saved.get("model"), run_config.get("model"), "model")
-    found += [d for key in ("schedule", "objective") for d in config_differences(then[key], now[key], key)]
+    found = method_differences(saved, run_config, ("schedule", "objective"))
     if first_stage or (saved.get("first_stage") or {}).get("kind", "identity") != "identity":
         found.append("first_stage: the checkpoint is a latent model; init_from takes pixel-space models")
     if found:

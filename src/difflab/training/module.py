@@ -130,9 +130,14 @@ class DiffusionModule(pl.LightningModule):
         if self.trainer.global_rank > 0:
             _reseed_for_rank(self.trainer.global_rank)
 
+    @property
+    def training_net(self) -> nn.Module:
+        """The network a loss calls: the compiled one while training with `compile`, else `net`."""
+        return self._compiled_net if (self._compiled_net is not None and self.training) else self.net
+
     def loss(self, images: torch.Tensor, cond: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None, train: bool = False) -> torch.Tensor:
-        net = self._compiled_net if (self._compiled_net is not None and self.training) else self.net
+        net = self.training_net
         # Validation: diffusion_loss's defaults (simplified loss, uniform levels), comparable across recipes.
         weighting, density = (self.weighting, self.density) if train else (None, None)
         return diffusion_loss(self.schedule, net, images, objective=self.hparams.prediction, cond=cond,
