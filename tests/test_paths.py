@@ -45,11 +45,13 @@ def test_flow_table_is_the_rectified_flow_path():
     assert torch.allclose(t.diff(), t.diff()[0].expand(999), rtol=1e-4)  # t uniform over the table
     assert math.isclose(FLOW.sigmas[0].item(), 0.002, rel_tol=1e-6) and math.isclose(FLOW.sigmas[-1].item(), 80.0)
     # x_t = (1 - t) x0 + t eps is the VP variable scaled by sqrt((1 - t)^2 + t^2).
-    x0, eps = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    # The tables are float32: near t = 0, 1 - alpha_bar ~ 4e-6 keeps only a few digits, so sqrt(1 - alpha_bar)
+    # is good to ~1e-5 absolute (an unseeded draw and a tolerance of 1e-6 failed on one CPU and not another).
+    x0, eps = torch.randn(2, 5, 3, dtype=torch.float64, generator=seeded(0))
     i = torch.tensor([0, 100, 500, 900, 999])
     tt, a = t[i, None], FLOW.alpha_bar.double()[i, None]
     x_vp = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    assert torch.allclose((1 - tt) * x0 + tt * eps, x_vp * ((1 - tt) ** 2 + tt**2).sqrt(), atol=1e-6)
+    assert torch.allclose((1 - tt) * x0 + tt * eps, x_vp * ((1 - tt) ** 2 + tt**2).sqrt(), atol=1e-4)
     log_sigma = EDM.sigmas.double().log()
     assert torch.allclose(log_sigma.diff(), log_sigma.diff()[0].expand(999), rtol=1e-4)
 
