@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 
 from difflab.cli import _hydra
 
@@ -55,17 +55,16 @@ def test_optuna_search_composes_and_its_params_parse():
     parser = OverridesParser.create()
     overrides = parser.parse_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
     dists = {o.get_key_element(): create_optuna_distribution_from_override(o) for o in overrides}
-    assert set(dists) == {"optim.lr", "schedule", "objective", "callbacks.ema.decay"}
+    assert set(dists) == {"optim.lr", "density", "weighting"}
     lr = dists["optim.lr"]
     assert type(lr).__name__ == "LogUniformDistribution" and (lr.low, lr.high) == (5e-4, 5e-3)
-    assert list(dists["schedule"].choices) == ["linear", "cosine", "sigmoid"]
-    assert list(dists["objective"].choices) == ["eps", "v"]
-    assert list(dists["callbacks.ema.decay"].choices) == [0.99, 0.995, 0.999]
-    # Every sampled value is a valid option / key of the train config.
-    for schedule in dists["schedule"].choices:
-        for objective in dists["objective"].choices:
-            _compose([f"schedule={schedule}", f"objective={objective}", "optim.lr=1e-3",
-                      "callbacks.ema.decay=0.99"])
+    assert list(dists["density"].choices) == ["logit_normal", "uniform", "lognormal"]
+    assert list(dists["weighting"].choices) == ["simplified", "min_snr", "soft_min_snr"]
+    # Every sampled value is a valid option of the train config, and builds on the default path.
+    for density in dists["density"].choices:
+        for weighting in dists["weighting"].choices:
+            cfg = _compose([f"density={density}", f"weighting={weighting}", "optim.lr=1e-3"])
+            instantiate(cfg.density), instantiate(cfg.weighting)
 
 
 @pytest.mark.parametrize("launcher,target", [
@@ -98,7 +97,7 @@ def test_two_trial_optuna_sweep_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert isinstance(results["best_value"], float) and math.isfinite(results["best_value"])
-    assert {"optim.lr", "schedule", "objective", "callbacks.ema.decay"} <= set(results["best_params"])
+    assert {"optim.lr", "density", "weighting"} <= set(results["best_params"])
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
     assert [p.name for p in jobs] == ["0", "1"]
 
