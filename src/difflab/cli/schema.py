@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from difflab.diffusion import density as densities
 from difflab.diffusion import weighting as weightings
 from difflab.diffusion.consistency import ConsistencyTuning
-from difflab.diffusion.parameterization import OUTPUTS
+from difflab.diffusion.parameterization import OUTPUTS, native_output
 from difflab.diffusion.samplers import ConsistencySampler
 from difflab.diffusion.restoration import METHODS as TRAINING_FREE_METHODS
 from difflab.diffusion.schedule import PATHS
@@ -146,10 +146,11 @@ class ScheduleConfig:
 
 @dataclass
 class ObjectiveConfig:
-    prediction: str = "eps"
+    prediction: str = "eps"  # or auto: the path's own output (resolve_objective)
 
     def validate(self, key: str) -> None:
-        _check(self.prediction in OUTPUTS, f"{key}.prediction", self.prediction, ", ".join(OUTPUTS))
+        _check(self.prediction in (*OUTPUTS, "auto"), f"{key}.prediction", self.prediction,
+               ", ".join((*OUTPUTS, "auto")))
 
 
 def _check_steps(key: str, steps: Optional[int], schedule: ScheduleConfig) -> None:
@@ -576,6 +577,13 @@ def register() -> None:
     cs.store(group="paths", name="schema", node=PathsConfig)
 
 
+def resolve_objective(cfg: DictConfig) -> None:
+    """``objective=auto`` becomes the path's own output (velocity on flow, edm on edm, v on the
+    VP schedules: ``native_output``), written into `cfg` so config.yaml and checkpoints hold it."""
+    if cfg.objective.prediction == "auto":
+        OmegaConf.update(cfg, "objective.prediction", native_output(cfg.schedule.kind))
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges of every schema-backed node; raise ConfigError naming the key."""
     def obj(node: Any) -> Any:
@@ -591,7 +599,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.get("resume") in (None, "auto"), "resume", cfg.get("resume"), "null or auto")
     if cfg.objective.prediction == "velocity" and schedule.kind != "flow":
         raise ConfigError(f"objective=velocity is the rectified-flow field and needs schedule=flow, not "
-                          f"schedule={schedule.kind}: use objective=v (or eps, x0, edm) on this path.")
+                          f"schedule={schedule.kind}: use objective=auto (v on this path), or v, eps, x0, edm.")
     for key in ("density", "weighting", "consistency"):  # their constructors check their own ranges
         if cfg.get(key) is not None:
             build_checked(key, cfg[key])

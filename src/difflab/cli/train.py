@@ -198,6 +198,7 @@ def _autoencoder_module(cfg: DictConfig, datamodule: Any) -> tuple[AutoencoderMo
 
 def build(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer]:
     """Everything a run needs, from a composed config; nothing is trained here."""
+    schema.resolve_objective(cfg)
     schema.validate(cfg)
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True)

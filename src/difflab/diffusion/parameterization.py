@@ -35,7 +35,14 @@ from .schedule import BETA_SCHEDULES, NoiseSchedule
 
 OUTPUTS = ("eps", "x0", "v", "velocity", "edm")
 
-__all__ = ["OUTPUTS", "check_output", "coefficients", "is_vp_target", "output_target"]
+__all__ = ["OUTPUTS", "check_output", "coefficients", "is_vp_target", "native_output", "output_target"]
+
+
+def native_output(kind: str) -> str:
+    """The output each path is usually trained with (what ``objective=auto`` picks): the
+    rectified-flow velocity on the flow path, EDM's preconditioned output on its VE path, and
+    v (Salimans & Ho 2022) on the VP schedules."""
+    return {"flow": "velocity", "edm": "edm"}.get(kind, "v")
 
 
 def is_vp_target(schedule: NoiseSchedule, output: str) -> bool:
