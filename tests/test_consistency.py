@@ -186,8 +186,8 @@ def _run(module, *args, cwd):
                           timeout=600)
 
 
-TINY = ["data=digits", "data.batch_size=64", "model=unet_tiny", "model.mid_attention=false",
-        "trainer.precision=32-true", "trainer.max_time=null", "callbacks.fid=null", "callbacks.progress_bar=null"]
+TINY = ["data=digits", "schedule=cosine", "objective=v", "density=uniform", "data.batch_size=64", "model=unet_tiny",
+        "model.mid_attention=false", "trainer.precision=32-true", "trainer.max_time=null", "callbacks.fid=null", "callbacks.progress_bar=null"]
 
 
 def test_tuning_runs_end_to_end_and_refuses_a_model_of_another_path(tmp_path):

@@ -17,7 +17,7 @@ def _run(module, *args, cwd):
 
 
 @pytest.mark.parametrize("recipe", [
-    ["schedule=flow", "objective=velocity", "density=logit_normal", "weighting=min_snr"],
+    ["schedule=flow", "objective=auto", "density=logit_normal", "weighting=min_snr"],  # auto: velocity
     ["schedule=edm", "objective=edm", "density=lognormal", "density.stratified=true", "weighting=uncertainty"],
 ], ids=["flow-velocity", "edm-uncertainty"])
 def test_a_recipe_trains_and_samples(tmp_path, recipe):
@@ -29,6 +29,7 @@ def test_a_recipe_trains_and_samples(tmp_path, recipe):
     # sigma_data was measured from the training images (digits in [-1, 1]) and written down.
     assert 0.3 < config["schedule"]["sigma_data"] < 1.0
     assert config["schedule"]["kind"] == recipe[0].split("=")[1]
+    assert config["objective"]["prediction"] == ("velocity" if "schedule=flow" in recipe else "edm")  # as resolved
     if "weighting=uncertainty" in recipe:  # the learned weighting trained with the network
         state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         assert state["weighting.linear.weight"].abs().sum() > 0
@@ -42,7 +43,7 @@ def test_a_recipe_trains_and_samples(tmp_path, recipe):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["objective=velocity"], "objective=velocity is the rectified-flow field and needs schedule=flow"),
+    (["schedule=cosine", "objective=velocity"], "objective=velocity is the rectified-flow field and needs schedule=flow"),
     (["density=lognormal", "density.p_std=0"], "density: p_std must be > 0"),
     (["density=logit_normal", "density.std=-1"], "density: std must be > 0"),
     (["weighting=min_snr", "weighting.gamma=-1"], "weighting: gamma must be > 0"),
@@ -61,6 +62,24 @@ def test_bad_training_method_settings_name_the_setting(args, message):
         cfg = compose("train", overrides=["paths.output_dir=/tmp/difflab-test-run", *args])
     with pytest.raises(schema.ConfigError, match=re.escape(message)):
         schema.validate(cfg)
+
+
+@pytest.mark.parametrize("schedule,output", [("flow", "velocity"), ("edm", "edm"), ("cosine", "v"), ("linear", "v")])
+def test_objective_auto_resolves_to_the_paths_own_output(schedule, output):
+    from hydra import compose, initialize_config_dir
+
+    from difflab.cli import _hydra, schema
+
+    _hydra.setup()
+    with initialize_config_dir(config_dir=str(_hydra.config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/difflab-test-run", f"schedule={schedule}"])
+    assert cfg.objective.prediction == "auto"  # the default, until the run starts
+    schema.resolve_objective(cfg)
+    schema.validate(cfg)
+    assert cfg.objective.prediction == output
+    cfg.objective.prediction = "eps"  # an explicit choice is kept
+    schema.resolve_objective(cfg)
+    assert cfg.objective.prediction == "eps"
 
 
 def test_a_typo_in_a_new_group_stops_the_cli_without_traceback(tmp_path):
