@@ -4,6 +4,7 @@ code in it."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,17 @@ def load_network_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, to
     return config, weights
 
 
+def _load_failure(error: Exception) -> str:
+    """What went wrong, in one line. torch's refusal of a pickled object ends with advice to load
+    it with `weights_only=False`, which would run code from the file: that advice is not passed on."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        return (f"it holds a Python object{f' ({found.group(1)})' if found else ''} that a safe load refuses; "
+                "difflab reads only tensors and plain data from a file, never code")
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+
+
 def _read_payload(path: str | Path, what: str) -> dict[str, Any]:
     """torch.load with `weights_only=True`, every failure a CheckpointError naming the file."""
     path = Path(path)
@@ -63,8 +75,8 @@ def _read_payload(path: str | Path, what: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise CheckpointError(f"could not read {path} as a torch checkpoint ({type(error).__name__}: "
-                              f"{error}). Is it a file difflab wrote ({what})?") from error
+        raise CheckpointError(f"could not read {path} as a torch checkpoint ({_load_failure(error)}). "
+                              f"Is it a file difflab wrote ({what})?") from error
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} is not a difflab checkpoint (it holds a {type(payload).__name__}).")
     return payload
