@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import schema
 
@@ -70,3 +72,26 @@ def quote(value: Any) -> str:
 def plain(cfg: Any) -> Any:
     """A resolved config as plain Python containers (safe to store in a checkpoint)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+class CheckOutputDir(Callback):
+    """Hydra callback: before a run (or sweep) starts, its directory must be creatable and writable.
+    Otherwise one line says which directory and what to do; Hydra's own attempt would end in a
+    traceback. Nothing is written anywhere else."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(path: Path, key: str) -> None:
+        probe = path / f".difflab-write-probe-{os.getpid()}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            sys.exit(f"difflab: cannot write the run directory {path} ({error.strerror or error}): point {key} "
+                     "(or paths.log_dir) at a writable folder, or free disk space")

@@ -31,6 +31,7 @@ from difflab.data import DatasetUnavailableError
 from difflab.diffusion.denoiser import CallCounter, Denoiser
 from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.metrics import report
+from difflab.metrics.report import OutputWriteError
 from difflab.metrics.domain import DomainClassifierConfig
 from difflab.metrics.evaluate import SampleEvaluator, balanced_labels
 from difflab.metrics.features import ExtractorUnavailableError
@@ -185,7 +186,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, cfg: DictConfig, evalua
 
 # What a user can mend (a setting, a file, the data): one line on stderr, no traceback.
 USER_ERRORS = (schema.ConfigError, CheckpointError, ExtractorUnavailableError, DatasetUnavailableError,
-               FileNotFoundError, ValueError)
+               FileNotFoundError, ValueError, OutputWriteError)
 
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="eval")

@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from difflab.cli import _hydra, schema
+from difflab.metrics.report import OutputWriteError
 from difflab.training.checkpoint import CheckpointError
 from difflab.training.export import export_safetensors
 
@@ -50,7 +51,7 @@ def main(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_object(cfg).validate()
         path = export_safetensors(cfg.ckpt, cfg.out)
-    except (schema.ConfigError, CheckpointError) as error:
+    except (schema.ConfigError, CheckpointError, OutputWriteError) as error:
         log.error("%s", error)
         sys.exit(f"difflab-export: {error}")
     print(f"safetensors: {path}")

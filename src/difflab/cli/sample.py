@@ -24,6 +24,7 @@ from difflab.cli import _hydra, prompts, sample_modes, sample_restore, schema
 from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.guidance import ClassifierFreeGuidance
 from difflab.models.conditioning import condition_batch
+from difflab.metrics.report import OutputWriteError
 from difflab.training.callbacks import save_grid
 from difflab.training.checkpoint import CheckpointError, read_checkpoint
 from difflab.training.first_stage import is_latent, latent_space_from_checkpoint
@@ -197,7 +198,7 @@ def run_mode(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, sam
 def main(cfg: DictConfig) -> None:
     try:
         sample(cfg)
-    except (schema.ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except (schema.ConfigError, CheckpointError, FileNotFoundError, ValueError, OutputWriteError) as error:
         log.error("%s", error)
         sys.exit(f"difflab-sample: {error}")
 

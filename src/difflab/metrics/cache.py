@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from difflab.metrics.report import replacing
 
 log = logging.getLogger("difflab.metrics")
 
@@ -51,7 +52,5 @@ def load(path: Path, key: dict[str, Any], what: str) -> Optional[dict[str, Any]]
 def save(path: Path, key: dict[str, Any], **payload: Any) -> None:
     """Write beside the target and rename over it: readers (other ranks, parallel jobs)
     never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"key": key, **payload}, tmp)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        torch.save({"key": key, **payload}, tmp)

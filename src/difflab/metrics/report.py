@@ -6,21 +6,43 @@ import csv
 import io
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 ROW_KEYS = ("sampler", "steps", "nfe", "guidance_scale")
 MARKDOWN_COLUMNS = ("sampler", "steps", "nfe", "guidance_scale", "fid", "kid", "precision", "recall", "is",
                     "class_coverage", "class_accuracy", "seconds")
 
 
+class OutputWriteError(RuntimeError):
+    """A run's file could not be written (a full disk, no permission); the files already there are intact."""
+
+
+@contextmanager
+def replacing(path: Path, hint: str = "", rename: bool = True) -> Iterator[Path]:
+    """Write to the temporary path yielded, then rename it over `path` (`rename=False`: a DDP rank
+    that writes nothing): an interrupted or failed write leaves the previous `path` as it was. A
+    failure (full disk, read-only folder) removes the partial file and raises OutputWriteError."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        if rename:
+            tmp.replace(path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        kept = f"{path} is the previous one, untouched" if path.is_file() else "nothing earlier was touched"
+        raise OutputWriteError(f"could not write {path} ({error.strerror or error}): free disk space or make "
+                               f"{path.parent} writable, then go on{hint}; {kept}") from None
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` atomically (a temporary file, then a rename): a reader, or another process
     writing the same summary, never sees half a file."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    partial.write_text(text)
-    partial.replace(path)
+    with replacing(path) as partial:
+        partial.write_text(text)
     return path
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import os
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torchvision.utils import make_grid, save_image
 
+from difflab.metrics.report import replacing
 from difflab.training.ema import ema_module
 
 EMA_FORMAT = "difflab.ema/1"
@@ -149,10 +148,8 @@ class ExportEMA(EveryNEpochs):
     def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
         if not trainer.is_global_zero:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        torch.save(self.payload(trainer, pl_module), tmp)
-        tmp.replace(self.path)
+        with replacing(self.path, " with resume=auto") as tmp:
+            torch.save(self.payload(trainer, pl_module), tmp)
 
 
 def interruption(exception: BaseException) -> Optional[str]:
@@ -198,8 +195,6 @@ class LastCheckpoint(EveryNEpochs):
             self.run(trainer, pl_module, "interrupted")
 
     def run(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, tag: str) -> None:
-        tmp = self.dirpath / f".last.ckpt.tmp{os.getpid()}"
-        trainer.save_checkpoint(tmp)  # every rank takes part; the strategy writes on rank 0
-        if trainer.is_global_zero:
-            tmp.replace(self.path)
+        with replacing(self.path, " with resume=auto", rename=trainer.is_global_zero) as tmp:
+            trainer.save_checkpoint(tmp, weights_only=False)  # full state; all ranks join, rank 0 writes
         trainer.strategy.barrier("difflab_last_checkpoint")

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from safetensors.torch import save_file
 
+from difflab.metrics.report import replacing
 from difflab.training.checkpoint import SAFETENSORS_FORMAT, read_checkpoint
 
 __all__ = ["export_safetensors"]
@@ -32,8 +33,6 @@ def export_safetensors(ckpt: str | Path, out: Optional[str | Path] = None) -> Pa
     tensors.update({f"first_stage.{k}": v.detach().cpu().contiguous() for k, v in first_stage.items()})
     metadata: dict[str, Any] = {"format": SAFETENSORS_FORMAT, "run_config": json.dumps(run_config),
                                 "source": ckpt.name}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(out)
+    with replacing(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return out

@@ -28,6 +28,8 @@ from typing import Any, Optional, Sequence
 import lightning.pytorch as pl
 import torch
 
+from difflab.metrics.report import replacing
+
 SNAPSHOT_FORMAT = "difflab-posthoc-ema-v1"
 SNAPSHOT_NAME = re.compile(r"^ema-(?P<std>[0-9.]+)-(?P<step>\d+)\.pt$")
 
@@ -144,10 +146,8 @@ class PostHocEMA(pl.Callback):
             first_stage = getattr(pl_module, "first_stage", None)
             if first_stage is not None:
                 payload["first_stage"] = {k: v.detach().cpu() for k, v in first_stage.state_dict().items()}
-            path = self.dirpath / f"ema-{std:.3f}-{self._updates:07d}.pt"
-            tmp = path.with_suffix(".pt.tmp")
-            torch.save(payload, tmp)
-            tmp.replace(path)
+            with replacing(self.dirpath / f"ema-{std:.3f}-{self._updates:07d}.pt") as tmp:
+                torch.save(payload, tmp)
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self._updates, "saved": list(self._saved),

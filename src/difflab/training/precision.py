@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
+
+from difflab.metrics import report
+from difflab.metrics.report import OutputWriteError
 
 log = logging.getLogger("difflab.precision")
 
@@ -264,13 +266,10 @@ def _read_cache(path: Path, here: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_cache(path: Path, here: dict[str, Any], rates: dict[str, float], gain: Optional[float]) -> None:
+    record = {"format": CACHE_FORMAT, "machine": here, "rates": rates, "bf16_matmul_gain": gain}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        record = {"format": CACHE_FORMAT, "machine": here, "rates": rates, "bf16_matmul_gain": gain}
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(path)
-    except OSError as error:  # a read-only cache only costs the next run a probe
+        report.write_text(path, json.dumps(record, indent=1) + "\n")
+    except OutputWriteError as error:  # a read-only cache only costs the next run a probe
         log.warning("could not cache the precision probe at %s: %s", path, error)
 
 

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from difflab.metrics.report import replacing
 from difflab.training.callbacks import ema_payload
 from difflab.training.ema import EMA, ema_module
 
@@ -81,11 +82,8 @@ class WallClockSnapshots(Callback):
         self._record(trainer, ended=True)
 
     def _write(self, mark: float, payload: dict[str, Any], step: int) -> None:
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / snapshot_name(mark)
-        tmp = path.with_suffix(".tmp")
-        torch.save({**payload, "wallclock": {"mark_s": mark, "elapsed_s": self.elapsed(), "step": step}}, tmp)
-        tmp.replace(path)
+        with replacing(self.dirpath / snapshot_name(mark)) as tmp:
+            torch.save({**payload, "wallclock": {"mark_s": mark, "elapsed_s": self.elapsed(), "step": step}}, tmp)
 
     def _record(self, trainer: "pl.Trainer", ended: bool) -> None:
         if not trainer.is_global_zero:
