@@ -264,7 +264,8 @@ class TrainerConfig:
     detect_anomaly: bool = False
     use_distributed_sampler: bool = True
     profiler: Optional[str] = None
-    default_root_dir: Optional[str] = None
+    default_root_dir: Optional[str] = None  # null: the run directory
+    plugins: Any = None  # e.g. trainer=slurm's SLURM environment (requeue signal)
 
     def validate(self, key: str) -> None:
         _check(self.max_epochs is None or self.max_epochs >= 1, f"{key}.max_epochs", self.max_epochs,
