@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,29 @@ def test_a_failing_multirun_job_is_reported_and_the_others_keep_their_results(tm
     assert float(rows[1]["val/loss"]) == pytest.approx(ok["metrics"]["val/loss"])
     summary = (sweep_dir / "summary.md").read_text()
     assert "2 jobs" in summary and "1 failed, 1 ok" in summary and "| optim.lr |" in summary
+
+
+def test_a_restarted_sweep_skips_the_jobs_that_finished(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "experiment=digits_tiny", "trainer.max_epochs=1", "callbacks=minimal", "callbacks.progress_bar=null",
+            "resume=auto", f"hydra.sweep.dir={sweep_dir}", f"paths.root_dir={tmp_path}"]
+    first = _run(*args, "optim.lr=0.002,0.001", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.rmtree(sweep_dir / "1")  # the sweep was stopped before its second job ran
+    kept = {path: path.stat().st_mtime_ns for path in (sweep_dir / "0").rglob("*") if path.is_file()
+            and path.suffix != ".log" and ".hydra" not in path.parts}  # Hydra rewrites its own record of the job
+    again = _run(*args, "optim.lr=0.002,0.001", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished already (result.json: ok); not trained again" in (sweep_dir / "0" / "train.log").read_text()
+    assert [path for path, mtime in kept.items() if path.stat().st_mtime_ns != mtime] == []  # job 0 untouched
+    assert json.loads((sweep_dir / "1" / "result.json").read_text())["status"] == "ok"
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").read_text().splitlines()))
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok")]
+
+    # Another sweep pointed at the same directory: job 0 holds other overrides and is refused, unchanged.
+    other = _run(*args, "optim.lr=0.003,0.001", cwd=tmp_path)
+    assert other.returncode != 0 and "holds a finished run of other overrides" in other.stderr
+    assert [path for path, mtime in kept.items() if path.stat().st_mtime_ns != mtime] == []
 
 
 def _job(sweep, name, overrides, result=None):

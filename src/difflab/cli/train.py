@@ -29,8 +29,9 @@ from difflab.cli import _ddp, _hydra, schema
 from difflab.cli.collect import RESULT_FILE  # every run's outcome, read from each multirun job
 from difflab.data import DatasetUnavailableError
 from difflab.metrics import report
+from difflab.metrics.report import OutputWriteError
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
-from difflab.training import precision, tracking
+from difflab.training import precision, requeue, tracking
 from difflab.training.budget import StepBudget, ValidateAtEnd
 from difflab.training.callbacks import LastCheckpoint, interruption
 from difflab.models.first_stage import LatentSpace
@@ -223,8 +224,10 @@ def build(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, 
         _ddp.install()  # processes Lightning starts for DDP rerun this job, not the command line
     run_callbacks = [StepBudget(cause=budget_hint(decision), record={"precision": decision.record()}),
                      ValidateAtEnd()]
+    # default_root_dir: the run directory, where a SLURM requeue signal's hpc_ckpt_<n>.ckpt belongs (not the cwd)
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks) + tracking.callbacks(cfg) + run_callbacks,
-                          logger=_instantiate_all(cfg.logger) or False)
+                          logger=_instantiate_all(cfg.logger) or False,
+                          default_root_dir=cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
     if cfg.get("nonfinite") == "skip" and trainer.world_size > 1:
         # A step skipped on one rank only would leave the others waiting in the gradient all-reduce.
         raise schema.ConfigError("nonfinite=skip works on one device: with several, use nonfinite=stop and resume "
@@ -282,11 +285,39 @@ def resume_auto(cfg: DictConfig) -> None:
         return
     node = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
     last = Path(node.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints") / "last.ckpt"
-    if last.is_file():
-        log.info("resume=auto: going on from %s", last)
-        OmegaConf.update(cfg, "ckpt_path", str(last))
+    newest = requeue.newest_checkpoint(Path(cfg.paths.output_dir), last)
+    if newest is not None:
+        log.info("resume=auto: going on from %s", newest)
+        OmegaConf.update(cfg, "ckpt_path", str(newest))
     else:
         log.info("resume=auto: no %s yet, starting fresh", last)
+
+
+def _own_overrides(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
+
+
+def finished_before(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """``resume=auto`` on a run directory whose result.json says ``ok``: the job finished before (a
+    restarted multirun's, or a requeued job's after its end); its record, so nothing is trained again.
+    ConfigError if that run had other overrides: this job needs its own directory."""
+    if cfg.get("resume") != "auto" or not cfg.get("train", True):
+        return None
+    path = Path(cfg.paths.output_dir) / RESULT_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "ok":
+        return None
+    now = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    if _own_overrides(record.get("overrides") or []) != _own_overrides(now):
+        raise schema.ConfigError(
+            f"resume=auto: {path.parent} holds a finished run of other overrides ({' '.join(record.get('overrides') or [])}"
+            f" | now: {' '.join(now)}): give this run its own hydra.run.dir (hydra.sweep.dir for a multirun), or "
+            f"go on from that run with ckpt_path={path.parent / 'checkpoints' / 'last.ckpt'}")
+    log.info("resume=auto: %s finished already (result.json: ok); not trained again", path.parent)
+    return record
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -313,13 +344,24 @@ def main(cfg: DictConfig) -> float | None:
     start = time.perf_counter()
     output_dir = cfg.paths.output_dir
     try:
+        finished = finished_before(cfg)
+    except schema.ConfigError as error:  # the directory holds another run: leave its result.json as it is
+        log.error("%s", error)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        sys.exit(f"difflab-train: {error}")
+    if finished is not None:
+        metrics = finished.get("metrics") or {}
+        name = cfg.get("optimized_metric")
+        return float(metrics[name]) if name and name in metrics else None
+    try:
         with _ddp.job_scope():  # the next job of a multirun starts from a clean DDP state
             metrics, outcome = train_run(cfg)
     except BaseException as error:
         status = "interrupted" if isinstance(error, (KeyboardInterrupt, RunInterrupted)) else "failed"
         write_result(output_dir, status, time.perf_counter() - start, {}, f"{type(error).__name__}: {error}")
         if not isinstance(error, (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError,
-                                  precision.PrecisionError, NonFiniteLossError, RunInterrupted)):
+                                  precision.PrecisionError, NonFiniteLossError, RunInterrupted, OutputWriteError)):
             raise
         log.error("%s", error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
