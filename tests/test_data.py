@@ -301,3 +301,22 @@ def test_failed_download_is_explained(tmp_path, monkeypatch, failure):
     assert str((tmp_path / "data" / "MNIST" / "raw").resolve()) in message
     assert "data=mnist5k" in message and type(failure).__name__ in message
     assert error.value.__cause__ is failure
+
+
+def test_wide_images_are_scaled_not_clipped_and_bad_values_refused(tmp_path):
+    from difflab.data.sources import PixelValueError, read_image
+
+    ramp = np.arange(64, dtype=np.float64).reshape(8, 8) / 63
+    Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(tmp_path / "wide.png")  # 16-bit PNG
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(tmp_path / "unit.tif")  # float in [0, 1]
+    for name in ("wide.png", "unit.tif"):
+        pixels = read_image(tmp_path / name, 8, 1)[..., 0].astype(np.float64)
+        assert np.abs(pixels - ramp * 255).max() <= 1, name  # PIL's own convert would clip these to 255 / 0
+    nan = np.zeros((8, 8), dtype=np.float32)
+    nan[2, 3] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    Image.fromarray(np.full((8, 8), 7e5, dtype=np.float32), mode="F").save(tmp_path / "big.tif")
+    with pytest.raises(PixelValueError, match=r"nan.tif' has 1 NaN or infinite pixels"):
+        read_image(tmp_path / "nan.tif", 8, 3)
+    with pytest.raises(PixelValueError, match=r"from 700000 to 700000, outside 0-1, 0-255 and 0-65535"):
+        read_image(tmp_path / "big.tif", 8, 1)

@@ -281,6 +281,30 @@ def scan_image_folder(path: str | os.PathLike) -> ImageFolderIndex:
     return ImageFolderIndex(files, labels, tuple(name for name, _ in classes))
 
 
+class PixelValueError(ValueError):
+    """An image file decodes, but its pixel values are NaN, infinite or out of every range."""
+
+
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float greyscale
+
+
+def _wide_to_uint8(values: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    """A 16/32-bit or float greyscale image as 8 bits: 16-bit files span 0-65535; integer and float
+    files are read as 0-1, 0-255 or 0-65535, whichever holds them. NaN, infinity or values outside
+    every range are refused rather than clipped."""
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise PixelValueError(f"image {str(path)!r} has {int((~np.isfinite(values)).sum())} NaN or infinite pixels: "
+                         "remove the file from the folder or write it with finite values")
+    low, high = float(values.min()), float(values.max())
+    top = 65535.0 if mode.startswith("I;16") else next(
+        (top for top in (1.0, 255.0, 65535.0) if low >= 0 and high <= top and (top != 1.0 or mode == "F")), None)
+    if top is None:
+        raise PixelValueError(f"image {str(path)!r} has pixel values from {low:g} to {high:g}, outside 0-1, 0-255 and "
+                         "0-65535: rescale it into one of those ranges (or 8-bit) and try again")
+    return np.round(values * (255.0 / top)).astype(np.uint8)
+
+
 def read_image(path: Path, image_size: int | None, channels: int) -> np.ndarray:
     """Decode one file, scale its shorter side to image_size, centre-crop: uint8 [H, W, C]
     (`image_size=None`: at the file's own size)."""
@@ -293,11 +317,15 @@ def read_image(path: Path, image_size: int | None, channels: int) -> np.ndarray:
             if image_size is not None:
                 opened.draft(mode, (image_size, image_size))
             image = ImageOps.exif_transpose(opened)
+            if image.mode in WIDE_MODES:  # PIL's convert would clip 16-bit values and zero NaNs
+                image = Image.fromarray(_wide_to_uint8(np.asarray(image), image.mode, path))
             if image.mode in ("RGBA", "LA", "P", "PA"):
                 # Put transparent pixels on white rather than on whatever colour they hide.
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
             image = image.convert(mode)
+    except PixelValueError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(
             f"cannot read image {str(path)!r} ({type(err).__name__}: {err}): "
