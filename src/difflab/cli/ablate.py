@@ -250,12 +250,11 @@ def write_outputs(cfg: DictConfig, work: Path, rows: list[dict[str, Any]], real:
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="ablate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with _hydra.exit_on_user_error("difflab-ablate", (schema.ConfigError, FileNotFoundError, AblationFailed)):
         ablate(cfg)
-    except (schema.ConfigError, FileNotFoundError, AblationFailed) as error:
-        log.error("%s", error)
-        sys.exit(f"difflab-ablate: {error}")
 
+
+main = _hydra.entry(main, "ablate", "difflab-ablate")
 
 if __name__ == "__main__":
     main()

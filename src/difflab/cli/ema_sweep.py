@@ -13,7 +13,6 @@ steps x guidance scales), and writes ``results.csv``, ``results.md`` and ``fid_v
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +76,11 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="ema_sweep")
 def main(cfg: DictConfig) -> None:
-    try:
+    with _hydra.exit_on_user_error("difflab-ema-sweep", evaluate.USER_ERRORS):
         sweep(cfg)
-    except evaluate.USER_ERRORS as error:
-        log.error("%s", error)
-        sys.exit(f"difflab-ema-sweep: {error}")
 
+
+main = _hydra.entry(main, "ema_sweep", "difflab-ema-sweep")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ Every cell uses the same noise (seed), the EMA weights and the cached reference 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -191,12 +190,11 @@ USER_ERRORS = (schema.ConfigError, CheckpointError, ExtractorUnavailableError, D
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
+    with _hydra.exit_on_user_error("difflab-evaluate", USER_ERRORS):
         evaluate(cfg)
-    except USER_ERRORS as error:
-        log.error("%s", error)
-        sys.exit(f"difflab-evaluate: {error}")
 
+
+main = _hydra.entry(main, "eval", "difflab-evaluate")
 
 if __name__ == "__main__":
     main()

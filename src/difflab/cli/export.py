@@ -10,8 +10,6 @@ Writes the EMA weights and the config that rebuilds the network and schedule
 
 from __future__ import annotations
 
-import logging
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +22,6 @@ from difflab.metrics.report import OutputWriteError
 from difflab.training.checkpoint import CheckpointError
 from difflab.training.export import export_safetensors
 
-log = logging.getLogger("difflab.export")
 _hydra.setup()
 
 FORMATS = ("safetensors",)
@@ -48,14 +45,13 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
+    with _hydra.exit_on_user_error("difflab-export", (schema.ConfigError, CheckpointError, OutputWriteError)):
         OmegaConf.to_object(cfg).validate()
         path = export_safetensors(cfg.ckpt, cfg.out)
-    except (schema.ConfigError, CheckpointError, OutputWriteError) as error:
-        log.error("%s", error)
-        sys.exit(f"difflab-export: {error}")
     print(f"safetensors: {path}")
 
+
+main = _hydra.entry(main, "export", "difflab-export")
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -196,12 +195,12 @@ def run_mode(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, sam
 
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
+    with _hydra.exit_on_user_error("difflab-sample", (schema.ConfigError, CheckpointError, FileNotFoundError,
+                                                      ValueError, OutputWriteError)):
         sample(cfg)
-    except (schema.ConfigError, CheckpointError, FileNotFoundError, ValueError, OutputWriteError) as error:
-        log.error("%s", error)
-        sys.exit(f"difflab-sample: {error}")
 
+
+main = _hydra.entry(main, "sample", "difflab-sample")
 
 if __name__ == "__main__":
     main()

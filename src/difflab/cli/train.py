@@ -311,9 +311,10 @@ def finished_before(cfg: DictConfig) -> Optional[dict[str, Any]]:
     if not isinstance(record, dict) or record.get("status") != "ok":
         return None
     now = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    if _own_overrides(record.get("overrides") or []) != _own_overrides(now):
+    before = record.get("overrides") or []
+    if _own_overrides(before) != _own_overrides(now):
         raise schema.ConfigError(
-            f"resume=auto: {path.parent} holds a finished run of other overrides ({' '.join(record.get('overrides') or [])}"
+            f"resume=auto: {path.parent} holds a finished run of other overrides ({' '.join(before)}"
             f" | now: {' '.join(now)}): give this run its own hydra.run.dir (hydra.sweep.dir for a multirun), or "
             f"go on from that run with ckpt_path={path.parent / 'checkpoints' / 'last.ckpt'}")
     log.info("resume=auto: %s finished already (result.json: ok); not trained again", path.parent)
@@ -338,6 +339,11 @@ def write_result(output_dir: str, status: str, seconds: float, metrics: dict[str
     report.write_text(Path(output_dir) / RESULT_FILE, json.dumps(record, indent=2, allow_nan=True) + "\n")
 
 
+# What a user can mend (a setting, a file, the data, the disk): one line on stderr, no traceback.
+USER_ERRORS = (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError,
+               precision.PrecisionError, NonFiniteLossError, RunInterrupted, OutputWriteError)
+
+
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return `optimized_metric` from the run's final metrics (what a sweeper optimises)."""
@@ -360,13 +366,13 @@ def main(cfg: DictConfig) -> float | None:
     except BaseException as error:
         status = "interrupted" if isinstance(error, (KeyboardInterrupt, RunInterrupted)) else "failed"
         write_result(output_dir, status, time.perf_counter() - start, {}, f"{type(error).__name__}: {error}")
-        if not isinstance(error, (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError,
-                                  precision.PrecisionError, NonFiniteLossError, RunInterrupted, OutputWriteError)):
+        message = _hydra.user_message(error, USER_ERRORS)
+        if message is None:
             raise
-        log.error("%s", error)
+        log.error("%s", message)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra marks this job failed, runs the others, and reports it at the end
-        sys.exit(f"difflab-train: {error}")
+        sys.exit(f"difflab-train: {message}")
     name = cfg.get("optimized_metric")
     if name and cfg.train and name not in metrics:  # train=false only builds: there is nothing to report
         message = (f"optimized_metric={name!r} was not logged by this run; available metrics: "
@@ -395,6 +401,8 @@ def _sweeper_optimises() -> bool:
     target = str(HydraConfig.get().sweeper.get("_target_", ""))
     return not target.endswith("BasicSweeper")
 
+
+main = _hydra.entry(main, "train", "difflab-train")
 
 if __name__ == "__main__":
     main()
