@@ -117,7 +117,7 @@ def explain(error: BaseException) -> Optional[str]:
 
     if isinstance(error, MissingConfigException):
         found = re.search(r"Could not find '([^']+)/([^'/]+)'", str(error))
-        options = [o for o in (error.options or []) if o != "schema"]
+        options = [o for o in (error.options or []) if not o.endswith("schema")]  # schemas are not choices
         if found and options:
             group, option = found.groups()
             close = difflib.get_close_matches(option, options, n=1)

@@ -49,7 +49,8 @@ def sampler_config(name: str, steps: int, args: Optional[dict] = None) -> DictCo
         cfg = hydra.compose(config_name="sample",
                             overrides=[f"sampler={name}", f"sampler.steps={steps}", *extra, "ckpt=-"])
     except HydraException as error:
-        raise schema.ConfigError(f"samplers: {str(error).splitlines()[0]}") from error
+        explained = _hydra.explain(error) or str(error).splitlines()[0]
+        raise schema.ConfigError(f"samplers=[{name}]: {explained}") from error
     return cfg.sampler
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.cli import _ddp, _hydra, schema
 from difflab.cli.collect import RESULT_FILE  # every run's outcome, read from each multirun job
-from difflab.data import DatasetUnavailableError
+from difflab.data import BadImageError, DatasetUnavailableError
 from difflab.metrics import report
 from difflab.metrics.report import OutputWriteError
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
@@ -222,6 +222,12 @@ def build(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, 
         module, decision = _diffusion_module(cfg, datamodule, space)
     if HydraConfig.initialized():
         _ddp.install()  # processes Lightning starts for DDP rerun this job, not the command line
+    if tracking.wandb_nodes(cfg):
+        try:
+            import wandb  # noqa: F401 - Lightning's WandbLogger would fail only once training runs
+        except ImportError as error:
+            raise schema.ConfigError(f"logger=wandb needs the wandb package ({error}): pip install -e '.[wandb]', "
+                                     "or log with logger=csv or logger=tensorboard") from None
     run_callbacks = [StepBudget(cause=budget_hint(decision), record={"precision": decision.record()}),
                      ValidateAtEnd()]
     # default_root_dir: the run directory, where a SLURM requeue signal's hpc_ckpt_<n>.ckpt belongs (not the cwd)
@@ -340,7 +346,7 @@ def write_result(output_dir: str, status: str, seconds: float, metrics: dict[str
 
 
 # What a user can mend (a setting, a file, the data, the disk): one line on stderr, no traceback.
-USER_ERRORS = (schema.ConfigError, DatasetUnavailableError, CheckpointError, FileNotFoundError,
+USER_ERRORS = (schema.ConfigError, DatasetUnavailableError, BadImageError, CheckpointError, FileNotFoundError,
                precision.PrecisionError, NonFiniteLossError, RunInterrupted, OutputWriteError)
 
 

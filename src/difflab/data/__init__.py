@@ -3,6 +3,7 @@
 from difflab.data.datamodule import ImageDataModule, InMemoryImages, collate_images, real_images
 from difflab.data.sources import (
     DATASETS,
+    BadImageError,
     DatasetInfo,
     DatasetUnavailableError,
     dataset_info,
@@ -10,6 +11,7 @@ from difflab.data.sources import (
 )
 
 __all__ = [
+    "BadImageError",
     "DATASETS",
     "DatasetInfo",
     "DatasetUnavailableError",

@@ -281,7 +281,11 @@ def scan_image_folder(path: str | os.PathLike) -> ImageFolderIndex:
     return ImageFolderIndex(files, labels, tuple(name for name, _ in classes))
 
 
-class PixelValueError(ValueError):
+class BadImageError(ValueError):
+    """An image file of a dataset or an input cannot be decoded, or its pixels cannot be used."""
+
+
+class PixelValueError(BadImageError):
     """An image file decodes, but its pixel values are NaN, infinite or out of every range."""
 
 
@@ -327,7 +331,7 @@ def read_image(path: Path, image_size: int | None, channels: int) -> np.ndarray:
     except PixelValueError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(
+        raise BadImageError(
             f"cannot read image {str(path)!r} ({type(err).__name__}: {err}): "
             "remove the file from the folder or replace it with a valid image"
         ) from err

@@ -60,10 +60,13 @@ def _load_failure(error: Exception) -> str:
     """What went wrong, in one line. torch's refusal of a pickled object ends with advice to load
     it with `weights_only=False`, which would run code from the file: that advice is not passed on."""
     text = str(error)
-    if "Weights only load failed" in text:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        return (f"it holds a Python object{f' ({found.group(1)})' if found else ''} that a safe load refuses; "
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+    if found:
+        return (f"it holds a Python object ({found.group(1)}) that a safe load refuses; "
                 "difflab reads only tensors and plain data from a file, never code")
+    if "Weights only load failed" in text:  # not a pickle at all: say what the unpickler met, not its advice
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return f"the unpickler met {detail.group(1).strip() if detail else 'data it cannot read'}"
     return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
 
