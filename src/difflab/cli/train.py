@@ -25,13 +25,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.cli import _ddp, _hydra, schema
+from difflab.cli import _ddp, _hydra, resume, schema
 from difflab.cli.collect import RESULT_FILE  # every run's outcome, read from each multirun job
 from difflab.data import BadImageError, DatasetUnavailableError
 from difflab.metrics import report
 from difflab.metrics.report import OutputWriteError
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
-from difflab.training import precision, requeue, tracking
+from difflab.training import precision, tracking
 from difflab.training.budget import StepBudget, ValidateAtEnd
 from difflab.training.callbacks import LastCheckpoint, interruption
 from difflab.models.first_stage import LatentSpace
@@ -248,7 +248,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, 
 def train_run(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the composed experiment; return the final logged metrics and the run's outcome
     (status ok | stopped_early, steps, planned_steps, the precision decision)."""
-    resume_auto(cfg)
+    resume.resume_auto(cfg)
     module, datamodule, trainer = build(cfg)
     budget = next(cb for cb in trainer.callbacks if isinstance(cb, StepBudget))
     try:
@@ -284,49 +284,6 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, ckpt_p
         raise RunInterrupted(f"{kind} stopped the run: {saved}") from None
 
 
-def resume_auto(cfg: DictConfig) -> None:
-    """``resume=auto``: a run whose directory already holds a last.ckpt (a requeued or restarted job
-    with the same ``hydra.run.dir`` or ``DIFFLAB_RUN_ID``) goes on from it."""
-    if cfg.get("resume") != "auto" or cfg.get("ckpt_path"):
-        return
-    node = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
-    last = Path(node.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints") / "last.ckpt"
-    newest = requeue.newest_checkpoint(Path(cfg.paths.output_dir), last)
-    if newest is not None:
-        log.info("resume=auto: going on from %s", newest)
-        OmegaConf.update(cfg, "ckpt_path", str(newest))
-    else:
-        log.info("resume=auto: no %s yet, starting fresh", last)
-
-
-def _own_overrides(overrides: list[str]) -> list[str]:
-    return [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
-
-
-def finished_before(cfg: DictConfig) -> Optional[dict[str, Any]]:
-    """``resume=auto`` on a run directory whose result.json says ``ok``: the job finished before (a
-    restarted multirun's, or a requeued job's after its end); its record, so nothing is trained again.
-    ConfigError if that run had other overrides: this job needs its own directory."""
-    if cfg.get("resume") != "auto" or not cfg.get("train", True):
-        return None
-    path = Path(cfg.paths.output_dir) / RESULT_FILE
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("status") != "ok":
-        return None
-    now = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    before = record.get("overrides") or []
-    if _own_overrides(before) != _own_overrides(now):
-        raise schema.ConfigError(
-            f"resume=auto: {path.parent} holds a finished run of other overrides ({' '.join(before)}"
-            f" | now: {' '.join(now)}): give this run its own hydra.run.dir (hydra.sweep.dir for a multirun), or "
-            f"go on from that run with ckpt_path={path.parent / 'checkpoints' / 'last.ckpt'}")
-    log.info("resume=auto: %s finished already (result.json: ok); not trained again", path.parent)
-    return record
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the composed experiment; return the final logged metrics (for sweepers)."""
     return train_run(cfg)[0]
@@ -356,7 +313,7 @@ def main(cfg: DictConfig) -> float | None:
     start = time.perf_counter()
     output_dir = cfg.paths.output_dir
     try:
-        finished = finished_before(cfg)
+        finished = resume.finished_before(cfg)
     except schema.ConfigError as error:  # the directory holds another run: leave its result.json as it is
         log.error("%s", error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
