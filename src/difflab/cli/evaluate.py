@@ -50,7 +50,7 @@ def sampler_config(name: str, steps: int, args: Optional[dict] = None) -> DictCo
                             overrides=[f"sampler={name}", f"sampler.steps={steps}", *extra, "ckpt=-"])
     except HydraException as error:
         explained = _hydra.explain(error) or str(error).splitlines()[0]
-        raise schema.ConfigError(f"samplers=[{name}]: {explained}") from error
+        raise schema.ConfigError(f"samplers: {explained}") from error
     return cfg.sampler
 
 

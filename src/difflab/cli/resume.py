@@ -19,8 +19,9 @@ log = logging.getLogger("difflab.train")
 
 
 def resume_auto(cfg: DictConfig) -> None:
-    """``resume=auto``: a run whose directory already holds a last.ckpt (a requeued or restarted job
-    with the same ``hydra.run.dir`` or ``DIFFLAB_RUN_ID``) goes on from it."""
+    """``resume=auto``: a run whose directory already holds a checkpoint (a requeued or restarted job
+    with the same ``hydra.run.dir`` or ``DIFFLAB_RUN_ID``) goes on from the readable one furthest on:
+    last.ckpt or a SLURM requeue's hpc_ckpt_<n>.ckpt (``requeue.newest_checkpoint``)."""
     if cfg.get("resume") != "auto" or cfg.get("ckpt_path"):
         return
     node = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}

@@ -307,6 +307,15 @@ USER_ERRORS = (schema.ConfigError, DatasetUnavailableError, BadImageError, Check
                precision.PrecisionError, NonFiniteLossError, RunInterrupted, OutputWriteError)
 
 
+def _stop(message: str) -> None:
+    """End this job on a user's mistake: one line and exit status 1; in a multirun the error goes
+    on to Hydra, which marks this job failed, runs the others, and reports it at the end."""
+    log.error("%s", message)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise
+    sys.exit(f"difflab-train: {message}")
+
+
 @hydra.main(version_base="1.3", config_path=_hydra.config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; return `optimized_metric` from the run's final metrics (what a sweeper optimises)."""
@@ -315,10 +324,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         finished = resume.finished_before(cfg)
     except schema.ConfigError as error:  # the directory holds another run: leave its result.json as it is
-        log.error("%s", error)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        sys.exit(f"difflab-train: {error}")
+        _stop(str(error))
     if finished is not None:
         metrics = finished.get("metrics") or {}
         name = cfg.get("optimized_metric")
@@ -332,10 +338,7 @@ def main(cfg: DictConfig) -> float | None:
         message = _hydra.user_message(error, USER_ERRORS)
         if message is None:
             raise
-        log.error("%s", message)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra marks this job failed, runs the others, and reports it at the end
-        sys.exit(f"difflab-train: {message}")
+        _stop(message)
     name = cfg.get("optimized_metric")
     if name and cfg.train and name not in metrics:  # train=false only builds: there is nothing to report
         message = (f"optimized_metric={name!r} was not logged by this run; available metrics: "

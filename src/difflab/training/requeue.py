@@ -4,7 +4,7 @@ Under SLURM, Lightning's ``SLURMEnvironment`` answers the requeue signal (``sbat
 --signal=SIGUSR1@90``) by writing ``hpc_ckpt_<n>.ckpt`` into the trainer's ``default_root_dir``
 (difflab sets it to the run directory) and calling ``scontrol requeue``; SLURM then stops the job
 with SIGTERM, which makes difflab write ``checkpoints/last.ckpt``. The requeued job, started with
-the same run directory and ``resume=auto``, goes on from whichever of the two is newer.
+the same run directory and ``resume=auto``, goes on from whichever readable one is furthest on.
 """
 
 from __future__ import annotations
