@@ -298,14 +298,17 @@ def _wide_to_uint8(values: np.ndarray, mode: str, path: Path) -> np.ndarray:
     every range are refused rather than clipped."""
     values = values.astype(np.float64)
     if not np.isfinite(values).all():
-        raise PixelValueError(f"image {str(path)!r} has {int((~np.isfinite(values)).sum())} NaN or infinite pixels: "
-                         "remove the file from the folder or write it with finite values")
+        raise PixelValueError(f"image {str(path)!r} has {int((~np.isfinite(values)).sum())} NaN or infinite "
+                              "pixels: remove the file from the folder or write it with finite values")
     low, high = float(values.min()), float(values.max())
-    top = 65535.0 if mode.startswith("I;16") else next(
-        (top for top in (1.0, 255.0, 65535.0) if low >= 0 and high <= top and (top != 1.0 or mode == "F")), None)
+    if mode.startswith("I;16"):
+        tops: tuple[float, ...] = (65535.0,)  # the file's own range
+    else:  # only a float file is read as 0-1; integers are 0-255 or 0-65535
+        tops = (1.0, 255.0, 65535.0) if mode == "F" else (255.0, 65535.0)
+    top = next((top for top in tops if low >= 0 and high <= top), None)
     if top is None:
-        raise PixelValueError(f"image {str(path)!r} has pixel values from {low:g} to {high:g}, outside 0-1, 0-255 and "
-                         "0-65535: rescale it into one of those ranges (or 8-bit) and try again")
+        raise PixelValueError(f"image {str(path)!r} has pixel values from {low:g} to {high:g}, outside 0-1, 0-255 "
+                              "and 0-65535: rescale it into one of those ranges (or 8-bit) and try again")
     return np.round(values * (255.0 / top)).astype(np.uint8)
 
 

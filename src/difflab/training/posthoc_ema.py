@@ -136,7 +136,6 @@ class PostHocEMA(pl.Callback):
         self._saved.append(self._updates)
         if not trainer.is_global_zero:
             return
-        self.dirpath.mkdir(parents=True, exist_ok=True)
         names = [name for name, _ in pl_module.net.named_parameters()]
         buffers = {k: v.detach().cpu() for k, v in pl_module.net.named_buffers()}
         for std, gamma, average in zip(self.stds, self.gammas, self._averages):

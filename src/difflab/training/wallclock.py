@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from difflab.metrics import report
 from difflab.metrics.report import replacing
 from difflab.training.callbacks import ema_payload
 from difflab.training.ema import EMA, ema_module
@@ -88,7 +89,6 @@ class WallClockSnapshots(Callback):
     def _record(self, trainer: "pl.Trainer", ended: bool) -> None:
         if not trainer.is_global_zero:
             return
-        self.dirpath.mkdir(parents=True, exist_ok=True)
         record = {"start_time": self.start, "marks_s": self.marks, "snapshots": self.taken,
                   "ended": {"elapsed_s": round(self.elapsed(), 2), "step": trainer.global_step} if ended else None}
-        (self.dirpath / "wallclock.json").write_text(json.dumps(record, indent=1) + "\n")
+        report.write_text(self.dirpath / "wallclock.json", json.dumps(record, indent=1) + "\n")
