@@ -266,6 +266,8 @@ class TrainerConfig:
     profiler: Optional[str] = None
     default_root_dir: Optional[str] = None  # null: the run directory
     plugins: Any = None  # e.g. trainer=slurm's SLURM environment (requeue signal)
+    # difflab's, not Lightning's: shorten max_epochs to what fits in this many minutes here (measured)
+    budget_minutes: Optional[float] = None
 
     def validate(self, key: str) -> None:
         _check(self.max_epochs is None or self.max_epochs >= 1, f"{key}.max_epochs", self.max_epochs,
@@ -274,6 +276,22 @@ class TrainerConfig:
                self.accumulate_grad_batches, "an integer >= 1")
         _check(self.gradient_clip_val is None or self.gradient_clip_val > 0, f"{key}.gradient_clip_val",
                self.gradient_clip_val, "null or a number > 0")
+        _check(self.budget_minutes is None or self.budget_minutes > 0, f"{key}.budget_minutes",
+               self.budget_minutes, "null (train max_epochs) or a number of minutes > 0")
+        limit = _max_time_s(self.max_time)
+        if self.budget_minutes is not None and limit is not None and 60 * self.budget_minutes > limit:
+            raise ConfigError(f"{key}.budget_minutes={self.budget_minutes:g} is longer than {key}.max_time="
+                              f"{self.max_time} ({limit / 60:g} min), the hard stop that would cut the planned run "
+                              f"short: lower {key}.budget_minutes or raise {key}.max_time (null: no hard stop).")
+
+
+def _max_time_s(max_time: Optional[str]) -> Optional[float]:
+    """Lightning's "DD:HH:MM:SS" in seconds (None: no limit, or a form this check does not read)."""
+    parts = str(max_time).split(":") if max_time is not None else []
+    if len(parts) != 4 or not all(part.strip().isdigit() for part in parts):
+        return None
+    days, hours, minutes, seconds = map(int, parts)
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
 
 
 @dataclass

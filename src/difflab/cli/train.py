@@ -33,6 +33,7 @@ from difflab.metrics.report import OutputWriteError
 from difflab.training.checkpoint import CheckpointError, check_resume_compatible
 from difflab.training import precision, tracking
 from difflab.training.budget import StepBudget, ValidateAtEnd
+from difflab.training.plan import TimeBudget
 from difflab.training.callbacks import LastCheckpoint, interruption
 from difflab.models.first_stage import LatentSpace
 from difflab.models.text import TextExtraMissing, check_vocabulary
@@ -228,10 +229,12 @@ def build(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule, 
         except ImportError as error:
             raise schema.ConfigError(f"logger=wandb needs the wandb package ({error}): pip install -e '.[wandb]', "
                                      "or log with logger=csv or logger=tensorboard") from None
-    run_callbacks = [StepBudget(cause=budget_hint(decision), record={"precision": decision.record()}),
-                     ValidateAtEnd()]
+    # The time budget plans first, so StepBudget's estimate on the same step sees the planned length.
+    run_callbacks = ([TimeBudget(cfg.trainer.budget_minutes)] if cfg.trainer.get("budget_minutes") else []) + [
+        StepBudget(cause=budget_hint(decision), record={"precision": decision.record()}), ValidateAtEnd()]
+    lightning_args = OmegaConf.masked_copy(cfg.trainer, [key for key in cfg.trainer if key != "budget_minutes"])
     # default_root_dir: the run directory, where a SLURM requeue signal's hpc_ckpt_<n>.ckpt belongs (not the cwd)
-    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.callbacks) + tracking.callbacks(cfg) + run_callbacks,
+    trainer = instantiate(lightning_args, callbacks=_instantiate_all(cfg.callbacks) + tracking.callbacks(cfg) + run_callbacks,
                           logger=_instantiate_all(cfg.logger) or False,
                           default_root_dir=cfg.trainer.get("default_root_dir") or cfg.paths.output_dir)
     if cfg.get("nonfinite") == "skip" and trainer.world_size > 1:
@@ -260,7 +263,8 @@ def train_run(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if cfg.train:
             fit(trainer, module, datamodule, cfg.ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        return metrics, {"status": "ok", **budget.record, **budget.outcome}
+        plan = next((cb.plan for cb in trainer.callbacks if isinstance(cb, TimeBudget) and cb.plan), None)
+        return metrics, {"status": "ok", **budget.record, **budget.outcome, **({"plan": plan} if plan else {})}
     finally:
         tracking.finish(trainer)  # one W&B run per job, also in a multirun's single process
 

@@ -21,7 +21,6 @@ other difflab run, and the precision plugin (bf16 or fp16 with its scaler) sees 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -31,7 +30,7 @@ from torch import nn
 
 from difflab.metrics.restoration import psnr
 from difflab.models.autoencoder import AutoencoderKL
-from difflab.training.lr import lr_factor
+from difflab.training.lr import LRShape
 
 REC_LOSSES = ("l1", "l2")
 
@@ -145,9 +144,8 @@ class AutoencoderModule(pl.LightningModule):
             groups.append({"params": list(self.discriminator.parameters())})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        factor = functools.partial(lr_factor, total=total, warmup_steps=hp.warmup_steps,
-                                   lr_schedule=hp.lr_schedule, min_lr_ratio=hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRShape(
+            total, warmup_steps=hp.warmup_steps, lr_schedule=hp.lr_schedule, min_lr_ratio=hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- use ----------------------------------------------------------------------------

@@ -93,6 +93,7 @@ class StepBudget(Callback):
 
     def _check_fits(self, trainer: "pl.Trainer", rate: float) -> None:
         timer = self._timer if self._timer is not None else _timer(trainer)
+        self.planned = _planned_steps(trainer) or self.planned  # a time budget may have shortened the plan
         remaining_steps = self.planned - trainer.global_step
         needed = remaining_steps / rate
         log.info("%.2f steps/s: the remaining %d of %d steps need about %s", rate, remaining_steps,
@@ -114,6 +115,7 @@ class StepBudget(Callback):
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         steps = trainer.global_step
+        self.planned = _planned_steps(trainer) or self.planned
         self.outcome = {"steps": steps, "planned_steps": self.planned}
         if self.warning:
             self.outcome["warning"] = self.warning

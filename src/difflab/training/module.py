@@ -8,7 +8,6 @@ trained, never saved and never averaged by the EMA.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 from typing import Any, Optional
@@ -25,7 +24,7 @@ from difflab.diffusion.weighting import Simplified, Weighting
 from difflab.diffusion.guidance import ClassifierFreeGuidance, drop_labels
 from difflab.diffusion.losses import diffusion_loss
 from difflab.diffusion.schedule import NoiseSchedule
-from difflab.training.lr import lr_factor
+from difflab.training.lr import LRShape
 from difflab.training.nonfinite import NonFiniteGuard
 
 
@@ -165,9 +164,8 @@ class DiffusionModule(pl.LightningModule):
         params = [*self.net.parameters(), *self.weighting.parameters()]
         optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-            lr_factor, total=total, warmup_steps=hp.warmup_steps, lr_schedule=hp.lr_schedule,
-            min_lr_ratio=hp.min_lr_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRShape(
+            total, warmup_steps=hp.warmup_steps, lr_schedule=hp.lr_schedule, min_lr_ratio=hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- sampling ---------------------------------------------------------------------

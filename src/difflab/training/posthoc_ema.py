@@ -102,7 +102,7 @@ class PostHocEMA(pl.Callback):
         self._averages: Optional[list[list[torch.Tensor]]] = None
         self._updates = 0
         self._saved: list[int] = []
-        self._due: Optional[set[int]] = None
+        self._due: Optional[tuple[int, set[int]]] = None
 
     def _params(self, pl_module: pl.LightningModule) -> list[torch.Tensor]:
         return [p.detach() for p in pl_module.net.parameters()]
@@ -121,11 +121,12 @@ class PostHocEMA(pl.Callback):
         self._updates += 1
         for gamma, average in zip(self.gammas, self._averages):
             torch._foreach_lerp_(average, current, 1.0 - power_beta(gamma, self._updates))
-        if self._due is None:  # the run's length is known once it runs
-            total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else \
-                int(trainer.estimated_stepping_batches)
-            self._due = set(self.snapshot_steps(total))
-        if self._updates in self._due and self._updates not in self._saved:
+        # The run's length is known once it runs, and a time budget may shorten it early on.
+        total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else \
+            int(trainer.estimated_stepping_batches)
+        if self._due is None or self._due[0] != total:
+            self._due = (total, set(self.snapshot_steps(total)))
+        if self._updates in self._due[1] and self._updates not in self._saved:
             self._write(trainer, pl_module)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
