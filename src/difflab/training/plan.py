@@ -119,10 +119,12 @@ class TimeBudget(Callback):
         warmup = min((shape.warmup_steps for shape in lr_shapes(trainer)), default=0)
         late = (f" (after the {warmup}-step warm-up: the LR decay so far was planned for {configured} epochs)"
                 if trainer.global_step >= warmup else "")
-        log.warning("time budget %s: at %.2f steps/s here, %d of the configured %d epochs fit (%d steps); the "
-                    "learning rate now decays over them%s. To repeat this run exactly on any machine: "
-                    "trainer.max_epochs=%d trainer.budget_minutes=null", _duration(self.budget_s), rate, epochs,
-                    configured, epochs * steps_per_epoch, late, epochs)
+        # The plan is what the budget is for (info); a decision after the warm-up is a warning.
+        say = log.warning if late else log.info
+        say("time budget %s: at %.2f steps/s here, %d of the configured %d epochs fit (%d steps); the learning "
+            "rate now decays over them%s. To repeat this run exactly on any machine: trainer.max_epochs=%d "
+            "trainer.budget_minutes=null", _duration(self.budget_s), rate, epochs, configured,
+            epochs * steps_per_epoch, late, epochs)
 
     def _apply(self, trainer: "pl.Trainer", epochs: int) -> None:
         trainer.fit_loop.max_epochs = epochs
