@@ -320,3 +320,34 @@ def test_wide_images_are_scaled_not_clipped_and_bad_values_refused(tmp_path):
         read_image(tmp_path / "nan.tif", 8, 3)
     with pytest.raises(PixelValueError, match=r"from 700000 to 700000, outside 0-1, 0-255 and 0-65535"):
         read_image(tmp_path / "big.tif", 8, 1)
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch():
+    from difflab.data.order import EpochOrder
+
+    order = EpochOrder(10, seed=2**64 - 5, flips=True)  # any seed torch.initial_seed() can return
+    first, second = order.order(0), order.order(1)
+    assert sorted((first % 10).tolist()) == list(range(10)) and not torch.equal(first, second)
+    assert bool((first >= 10).any()) and bool((first < 10).any())  # some images flipped, some not
+    assert torch.equal(EpochOrder(10, seed=2**64 - 5, flips=True).order(1), second)  # no global RNG in it
+    assert not torch.equal(EpochOrder(10, seed=3, flips=True).order(1), second)
+    order.set_epoch(1)
+    assert list(order) == second.tolist()
+    order.start_at(1, 4)  # a run resumed after 4 images of epoch 1
+    assert list(order) == second[4:].tolist()
+    assert list(order) == second.tolist()  # the epoch's next pass starts at its beginning
+    order.start_at(1, 4)
+    order.set_epoch(2)  # the resumed epoch had ended: epoch 2 is whole
+    assert list(order) == order.order(2).tolist()
+
+
+def test_flips_drawn_by_the_order_are_the_flips_served():
+    from difflab.data.datamodule import InMemoryImages
+
+    images = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
+    data = InMemoryImages(images, torch.tensor([0, 1]), hflip=True)
+    data.flips_in_index = True
+    batch = data.__getitems__([1, 2])  # image 1 as it is, image 0 flipped
+    assert torch.equal(batch.images[0], images[1]) and torch.equal(batch.images[1], images[0].flip(-1))
+    assert batch.labels.tolist() == [1, 0]
+    assert torch.equal(data[2][0], images[0].flip(-1)) and torch.equal(data[1][0], images[1])

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from difflab.data import sources
+from difflab.data.order import EpochOrder
 from difflab.data.sources import DATASETS
 
 
@@ -28,11 +29,17 @@ class InMemoryImages(Dataset):
         self.images = images
         self.labels = labels
         self.hflip = hflip
+        # Set by the datamodule when an EpochOrder draws the flips: an index >= len names the
+        # image at index - len, flipped (see difflab.data.order), and nothing is drawn here.
+        self.flips_in_index = False
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flips_in_index:
+            image = self.images[index % len(self)]
+            return (image.flip(-1) if index >= len(self) else image), self.labels[index % len(self)]
         image = self.images[index]
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
@@ -42,10 +49,14 @@ class InMemoryImages(Dataset):
         # PyTorch's fetcher calls this with a batch's indices when it exists, so a batch
         # costs one gather instead of B Python calls plus a stack.
         index = torch.as_tensor(indices, dtype=torch.int64)
+        flip = None
+        if self.flips_in_index:  # the order drew the flips, so a resumed run flips the same images
+            flip, index = index >= len(self), index % len(self)
+        elif self.hflip:
+            flip = torch.rand(len(index)) < 0.5
         # index_select, not images[index]: the advanced-indexing kernel is ~5x slower here.
         images = self.images.index_select(0, index)
-        if self.hflip:
-            flip = torch.rand(len(index)) < 0.5
+        if flip is not None:
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         return ImageBatch(images, self.labels.index_select(0, index))
 
@@ -101,6 +112,8 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.drop_last = drop_last
         self._folder: sources.ImageFolderIndex | None = None
+        self._order: EpochOrder | None = None  # the training order of a one-device run
+        self._resume_order: dict | None = None  # where a resumed run's order goes on (load_state_dict)
         if name == "folder":
             if path is None or image_size is None:
                 raise ValueError(
@@ -195,23 +208,50 @@ class ImageDataModule(L.LightningDataModule):
         return self._served[split] if self._served else self.split(split)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._loader_set("train"), self.batch_size, shuffle=True, drop_last=self.drop_last)
+        dataset = self._loader_set("train")
+        trainer = self.trainer
+        if trainer is None or trainer.world_size > 1:
+            # Outside a trainer, and under DDP (Lightning's DistributedSampler: its order is a
+            # function of the seed and the epoch too, but a resume restarts the epoch).
+            return self._loader(dataset, self.batch_size, shuffle=True, drop_last=self.drop_last)
+        # One device: an order that resumes mid-epoch, seeded by the run's seed (seed_everything).
+        self._order = EpochOrder(len(dataset), seed=torch.initial_seed(), flips=dataset.hflip)
+        dataset.flips_in_index = dataset.hflip
+        self._resume()
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=self._order, **self._loader_options(self.drop_last))
+
+    # -- resume: where the training order is travels with the checkpoint -------------------
+    def state_dict(self) -> dict:
+        if self._order is None or self.trainer is None:
+            return {}
+        # Batches trained in this epoch (the trainer's count: the loader itself runs ahead).
+        batches = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        return {"order": {"seed": self._order.seed, "epoch": self._order.epoch, "batches": batches}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_order = state.get("order")
+        self._resume()  # a loader built before the restore (some strategies restore after setup)
+
+    def _resume(self) -> None:
+        if self._order is not None and self._resume_order is not None:
+            state, self._resume_order = self._resume_order, None
+            self._order.seed = int(state["seed"])
+            self._order.start_at(int(state["epoch"]), int(state["batches"]) * self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._loader_set("val"), self.eval_batch_size, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            collate_fn=collate_images,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            # DataLoader refuses persistent workers without workers.
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **self._loader_options(drop_last))
+
+    def _loader_options(self, drop_last: bool) -> dict:
+        return {"drop_last": drop_last, "collate_fn": collate_images, "num_workers": self.num_workers,
+                "pin_memory": self.pin_memory,
+                # Each iterator draws its workers' seed from this, not from the global RNG, so
+                # building a loader (a resume, a validation run again) moves no training noise.
+                "generator": torch.Generator().manual_seed(torch.initial_seed() % 2**63),
+                # DataLoader refuses persistent workers without workers.
+                "persistent_workers": self.persistent_workers and self.num_workers > 0}
 
 
 def _check_arguments(image_size, channels, batch_size, eval_batch_size, val_fraction, num_workers) -> None:

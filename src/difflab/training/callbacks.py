@@ -178,10 +178,24 @@ class LastCheckpoint(EveryNEpochs):
         super().__init__(every_n_epochs)
         self.dirpath = Path(dirpath)
         self.interrupted: Optional[str] = None  # "SIGTERM" / "SIGINT" once a signal stopped the run
+        self._held = False  # a SIGTERM that came during validation, held until it ends
 
     @property
     def path(self) -> Path:
         return self.dirpath / "last.ckpt"
+
+    def on_validation_batch_end(self, trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
+        """A SIGTERM during validation lets the validation finish, and the run stops at the step
+        boundary after it: Lightning would stop after this batch, and a resumed run skips the
+        rest of that validation (its val/loss was never logged). Validation is seconds next to
+        a cluster's grace period."""
+        connector = getattr(trainer, "_signal_connector", None)
+        if getattr(connector, "received_sigterm", False):
+            connector.received_sigterm, self._held = False, True
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
+        if self._held:
+            trainer._signal_connector.received_sigterm, self._held = True, False
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, exception: BaseException) -> None:
         """SIGTERM (preemption) or SIGINT (Ctrl-C): Lightning stops at the next step boundary; the

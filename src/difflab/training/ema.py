@@ -42,6 +42,7 @@ class EMA(WeightAveraging):
         self._updates = 0
         self._pairs: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
         self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._swapped = False  # True during validation: the live module holds the EMA weights
 
     def current_decay(self) -> float:
         """Decay of the update in progress: n = updates before it (the first one copies)."""
@@ -57,6 +58,25 @@ class EMA(WeightAveraging):
     def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._pairs, self._buffers = None, []  # a new averaged copy: pair its tensors again
+        self._swapped = False
+
+    def _swap_models(self, pl_module: pl.LightningModule) -> None:
+        super()._swap_models(pl_module)
+        self._swapped = not self._swapped
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._swapped and "current_model_state" in checkpoint:
+            # Saved mid-validation (a signal stopped it there): the live module holds the EMA and
+            # the copy the raw weights, so Lightning's two entries come out the wrong way round
+            # and a resumed run would train on from the EMA.
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (checkpoint["current_model_state"],
+                                                                           checkpoint["state_dict"])
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._swapped:  # stopped mid-validation: the live module gets its raw weights back
+            self._swap_models(pl_module)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -24,6 +24,7 @@ from difflab.diffusion.weighting import Simplified, Weighting
 from difflab.diffusion.guidance import ClassifierFreeGuidance, drop_labels
 from difflab.diffusion.losses import diffusion_loss
 from difflab.diffusion.schedule import NoiseSchedule
+from difflab.training.epoch_mean import EpochMean
 from difflab.training.lr import LRShape
 from difflab.training.nonfinite import NonFiniteGuard
 
@@ -81,6 +82,8 @@ class DiffusionModule(pl.LightningModule):
         self.schedule = schedule
         self.sampler = sampler
         self._compiled_net: Optional[nn.Module] = None
+        self._rng_to_restore: Optional[dict[str, Any]] = None  # a checkpoint's RNG states, set at on_train_start
+        self.epoch_loss = EpochMean()  # train/loss_epoch, resumable mid-epoch
         self.nonfinite = NonFiniteGuard(nonfinite)
 
     # -- training ---------------------------------------------------------------------
@@ -124,8 +127,12 @@ class DiffusionModule(pl.LightningModule):
         # RNG state from the checkpoint), so all ranks would draw the same timesteps and noise in
         # `diffusion_loss`: N processes doing the work of one for the randomness of the loss.
         # Ranks > 0 move to their own stream here. This hook runs after every checkpoint restore
-        # (on_fit_start can precede it for some strategies), and rank 0 keeps its stream, so a
-        # single-process run is bit-identical to before and still resumes bit-exactly.
+        # (on_fit_start can precede it for some strategies) and just before the first step, so
+        # the restored states are set here too, and rank 0 keeps its stream: a single-process
+        # run resumes bit-exactly.
+        if self._rng_to_restore is not None:
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
         if self.trainer.global_rank > 0:
             _reseed_for_rank(self.trainer.global_rank)
 
@@ -147,8 +154,17 @@ class DiffusionModule(pl.LightningModule):
         loss = self.nonfinite.check(self.loss(images, cond, train=True), self.global_step)
         if loss is None:  # nonfinite=skip: no backward, no optimizer step for this batch
             return None
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=images.shape[0])
+        self.epoch_loss.add(loss, images.shape[0])
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_loss.reset()  # not called when a run resumes mid-epoch: the restored sum goes on
+
+    def on_train_epoch_end(self) -> None:
+        mean = self.epoch_loss.mean()
+        if mean is not None:
+            self.log("train/loss_epoch", mean, prog_bar=True, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, cond = self._batch(batch, generator=torch.Generator().manual_seed(20_000 + batch_idx))
@@ -220,6 +236,7 @@ class DiffusionModule(pl.LightningModule):
 
     # -- resume: RNG states travel with the checkpoint --------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["difflab_epoch_loss"] = self.epoch_loss.state_dict()
         np_state = np.random.get_state()
         checkpoint["difflab_rng"] = {
             "torch": torch.get_rng_state(),
@@ -229,15 +246,21 @@ class DiffusionModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("difflab_rng")
-        if not state:
-            return
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        kind, keys, *rest = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        random.setstate(_lists_to_tuples(state["python"]))
+        # Set at on_train_start, not here: between the restore and the first step Lightning
+        # builds the loaders and runs the sanity-check validation, and whatever they draw would
+        # shift the resumed run's noise off the interrupted run's.
+        self._rng_to_restore = checkpoint.get("difflab_rng") or None
+        if "difflab_epoch_loss" in checkpoint:
+            self.epoch_loss.load_state_dict(checkpoint["difflab_epoch_loss"])
+
+
+def _set_rng_states(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_lists_to_tuples(state["python"]))
 
 
 def _reseed_for_rank(rank: int) -> None:
