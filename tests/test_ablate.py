@@ -27,6 +27,7 @@ def _rows(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow  # a minute of 2 AVX2 cores: `make test-slow`
 def test_ablation_tables_every_variant_keeps_going_after_a_failure_and_resumes(tmp_path):
     work = tmp_path / "ablation"
     # `broken` composes but cannot load its data: it fails inside its own training process.

@@ -39,7 +39,21 @@ def test_the_matrix_covers_every_cli_and_at_least_30_cases():
     assert {case.cli for case in CASES} == {"train", "sample", "evaluate", "export", "ema_sweep", "ablate"}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+# One or more cases of each CLI and kind of input in the default suite (each case is a process:
+# about 11 s on a 2-core AVX2 CPU); the whole matrix with `make test-slow` / `make test-all`.
+QUICK = {"folder-missing", "folder-corrupt-image", "unknown-dataset", "download-offline", "unknown-key",
+         "out-of-range", "unknown-precision", "unwritable-run-dir", "resume-other-model", "sample-missing-ckpt",
+         "sample-pickled-object", "evaluate-unknown-sampler", "export-garbage", "ema-sweep-empty-dir",
+         "ablate-unknown-variant"}
+
+
+def test_the_quick_cases_are_cases_of_every_cli():
+    assert QUICK <= {case.id for case in CASES}
+    assert {case.cli for case in CASES if case.id in QUICK} == {case.cli for case in CASES}
+
+
+@pytest.mark.parametrize("case", [case if case.id in QUICK else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in CASES], ids=[case.id for case in CASES])
 def test_bad_input_is_one_clear_message_and_touches_nothing(world, case):
     before = _state(world)
     cmd, env = command(case, world)

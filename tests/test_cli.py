@@ -146,6 +146,7 @@ def test_default_model_learns_in_one_epoch(tmp_path):
     assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == ["final.png"]
 
 
+@pytest.mark.slow  # a minute of 2 AVX2 cores: `make test-slow`
 def test_conditional_run_samples_a_chosen_class_with_guidance(tmp_path):
     run = tmp_path / "cond"
     proc = _run("difflab.cli.train", "experiment=digits_tiny", "model.num_classes=10", "guidance=cfg",

@@ -190,6 +190,7 @@ TINY = ["data=digits", "schedule=cosine", "objective=v", "density=uniform", "dat
         "model.mid_attention=false", "trainer.precision=32-true", "trainer.max_time=null", "callbacks.fid=null", "callbacks.progress_bar=null"]
 
 
+@pytest.mark.slow  # a minute of 2 AVX2 cores: `make test-slow`
 def test_tuning_runs_end_to_end_and_refuses_a_model_of_another_path(tmp_path):
     import numpy as np
 

@@ -274,6 +274,7 @@ def test_torchrun_processes_share_one_run_directory(tmp_path):
     assert (runs[0] / "config.yaml").is_file() and (runs[0] / ".hydra").is_dir()
 
 
+@pytest.mark.slow  # a minute of 2 AVX2 cores: `make test-slow`
 def test_ddp_jobs_of_a_multirun_each_run_once_in_their_own_directory(tmp_path):
     """Lightning reruns argv for ranks > 0; in a multirun argv holds `-m` and the sweep, so each
     extra rank would start the whole sweep again and write outside the job's directory."""

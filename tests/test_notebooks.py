@@ -59,9 +59,9 @@ def kernel_name(tmp_path, monkeypatch) -> str:
     return KERNEL
 
 
-# The two longest notebooks (restoration; latent + text: about 2 and 3 minutes of 2 cores) run in
-# `make test-slow`; the default suite runs the first three.
-SLOW_NOTEBOOKS = ("04_restoration", "05_latent_and_text")
+# The longest notebooks (samplers and guidance, restoration, latent + text: one to three minutes
+# of 2 cores) run in `make test-slow`; the default suite runs the first two.
+SLOW_NOTEBOOKS = ("03_samplers_and_guidance", "04_restoration", "05_latent_and_text")
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p

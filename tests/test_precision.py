@@ -186,6 +186,7 @@ def test_a_real_probe_decides_consistently_with_what_it_measured(tmp_path):
     assert decision.probe_seconds is not None
 
 
+@pytest.mark.slow  # a minute of 2 AVX2 cores: `make test-slow`
 def test_the_cli_rejects_an_unknown_precision_in_one_line(tmp_path):
     import os
     import subprocess

@@ -103,6 +103,7 @@ def test_two_trial_optuna_sweep_runs(tmp_path):
     assert [p.name for p in jobs] == ["0", "1"]
 
 
+@pytest.mark.slow  # a minute of 2 AVX2 cores: `make test-slow`
 def test_unlogged_optimized_metric_fails_an_optimising_sweep_and_warns_otherwise(tmp_path):
     common = ("optimized_metric=nope", "experiment=digits_tiny", "trainer.max_epochs=1", "callbacks=minimal",
               "callbacks.progress_bar=null", f"paths.root_dir={tmp_path}")

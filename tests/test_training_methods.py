@@ -18,7 +18,8 @@ def _run(module, *args, cwd):
 
 @pytest.mark.parametrize("recipe", [
     ["schedule=flow", "objective=auto", "density=logit_normal", "weighting=min_snr"],  # auto: velocity
-    ["schedule=edm", "objective=edm", "density=lognormal", "density.stratified=true", "weighting=uncertainty"],
+    pytest.param(["schedule=edm", "objective=edm", "density=lognormal", "density.stratified=true",
+                  "weighting=uncertainty"], marks=pytest.mark.slow),  # the default recipe in the default suite
 ], ids=["flow-velocity", "edm-uncertainty"])
 def test_a_recipe_trains_and_samples(tmp_path, recipe):
     run = tmp_path / "run"
