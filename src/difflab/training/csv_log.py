@@ -30,7 +30,8 @@ class KeepingExperimentWriter(ExperimentWriter):
     def save(self) -> None:
         if self._kept is not None and self.metrics:
             first = min(int(row["step"]) for row in self.metrics)
-            kept = [row for row in (_before(row, first, self.metrics) for row in self._kept) if row]
+            logged = {key for row in self.metrics if int(row["step"]) == first for key in row} - {"step", "epoch"}
+            kept = [row for row in (_before(row, first, logged) for row in self._kept) if row]
             keys = sorted({key for row in kept for key in row} | {key for row in self.metrics for key in row})
             with self._fs.open(self.metrics_file_path, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=keys)
@@ -40,15 +41,14 @@ class KeepingExperimentWriter(ExperimentWriter):
         super().save()
 
 
-def _before(row: dict[str, str], first: int, new: list[dict[str, Any]]) -> Optional[dict[str, str]]:
+def _before(row: dict[str, str], first: int, logged: set[str]) -> Optional[dict[str, str]]:
     """What of an earlier row stays: rows of earlier steps whole; at the resumed run's first step
-    (the training losses of a step, then a validation the signal cut short and the resumed run
-    ran again), the values the resumed run does not log there; nothing after it."""
+    (the training losses of a step, then a validation the resumed run ran again), the values it
+    does not log there (`logged`); nothing after it."""
     step = _step(row)
     if step is None or step > first:
         return None
     if step == first:
-        logged = {key for values in new if int(values["step"]) == first for key in values} - {"step", "epoch"}
         row = {key: ("" if key in logged else value) for key, value in row.items()}
         if not any(value != "" for key, value in row.items() if key not in ("step", "epoch")):
             return None
