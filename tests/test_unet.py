@@ -257,3 +257,41 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
     with torch.no_grad():
         checkpointed(x, t)
     assert recomputed == [False]  # no grad: nothing to recompute
+
+
+def test_patch_size_folds_patches_into_channels_losslessly():
+    """patch_size=2 is the same network run on pixel-unshuffled images: its weights, loaded
+    into a patch_size=1 net with 4x the channels in and out, give the same prediction once
+    the output is pixel-shuffled back."""
+    patched = randomize_zero_init(small_unet(patch_size=2, in_channels=1))
+    folded = small_unet(in_channels=4)
+    folded.load_state_dict(patched.state_dict())  # same parameter shapes: conv_in 4 -> 16, conv_out 16 -> 4
+    x, t = batch(channels=1, size=16, n=3)
+    out = patched(x, t)
+    assert out.shape == x.shape
+    expected = torch.nn.functional.pixel_shuffle(folded(torch.nn.functional.pixel_unshuffle(x, 2), t), 2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert patched.conv_in.in_channels == 4 and patched.conv_out.out_channels == 4
+
+
+def test_patch_size_multiplies_the_size_divisor_and_is_checked():
+    net = small_unet(patch_size=2)  # 2 levels x 2x2 patches: multiples of 4
+    with pytest.raises(ValueError, match=r"18x18 is not divisible by 4 = patch_size"):
+        net(torch.randn(1, 1, 18, 18), torch.tensor([1]))
+    assert net(torch.randn(1, 1, 12, 12), torch.tensor([1])).shape == (1, 1, 12, 12)
+    with pytest.raises(ValueError, match="patch_size must be an integer >= 1"):
+        small_unet(patch_size=0)
+
+
+def test_patch_size_with_a_concatenated_condition_and_channels_last():
+    from difflab.models.conditioning import Conditioner, ImageConcat
+
+    net = randomize_zero_init(small_unet(patch_size=2, conditioner=Conditioner([ImageConcat("low", channels=1)])))
+    assert net.conv_in.in_channels == 8  # (1 image + 1 condition channel) x 4
+    x, t = batch(channels=1, size=16, n=2)
+    cond = {"low": torch.randn(2, 1, 16, 16)}
+    out = net(x, t, cond)
+    assert out.shape == x.shape
+    assert not torch.allclose(out, net(x, t, {"low": torch.zeros(2, 1, 16, 16)}))
+    net_cl = to_channels_last(net)
+    torch.testing.assert_close(net_cl(x.contiguous(memory_format=CL), t, cond), out, rtol=1e-4, atol=1e-5)

@@ -100,12 +100,14 @@ class UNetConfig:
     gradient_checkpointing: bool = False
     conditioner: Any = None  # a difflab.models.conditioning.Conditioner node (SR3, Palette), or null
     cross_attention_levels: list[int] = field(default_factory=list)  # levels attending to condition tokens
+    patch_size: int = 1  # p > 1: level 0 runs on p x p patches folded into channels (pixel unshuffle)
 
     def validate(self, key: str) -> None:
         _check(self.base_channels >= 1, f"{key}.base_channels", self.base_channels, "an integer >= 1")
         _check(len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults),
                f"{key}.channel_mults", self.channel_mults, "a non-empty list of integers >= 1")
         _check(self.num_res_blocks >= 1, f"{key}.num_res_blocks", self.num_res_blocks, "an integer >= 1")
+        _check(self.patch_size >= 1, f"{key}.patch_size", self.patch_size, "an integer >= 1")
         levels = range(len(self.channel_mults))
         for name in ("attention_levels", "cross_attention_levels"):
             _check(all(lv in levels for lv in getattr(self, name)), f"{key}.{name}", getattr(self, name),

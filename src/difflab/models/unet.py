@@ -88,6 +88,10 @@ class UNet(nn.Module):
         cross_attention_levels: levels whose blocks attend to the conditioner's tokens (the
             middle attends too when the deepest level is among them); needed, and only
             allowed, with a conditioner that makes tokens.
+        patch_size: ``p > 1`` folds each p x p patch into channels before the first
+            convolution (pixel unshuffle: lossless) and unfolds the prediction after the last
+            one (pixel shuffle), so level 0 runs at 1/p of the image size: about p**2 less
+            compute at the full-size level, as in simple diffusion (Hoogeboom et al. 2023).
 
     ``t`` may be integer or fractional timesteps [B], or a scalar used for the whole batch.
     For speed on CPU, call ``to_channels_last(model)`` and run under bf16 autocast.
@@ -111,12 +115,16 @@ class UNet(nn.Module):
         gradient_checkpointing: bool = False,
         conditioner: Conditioner | None = None,
         cross_attention_levels: Sequence[int] = (),
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         channel_mults = tuple(channel_mults)
         attention_levels = tuple(attention_levels)
         cross_levels = tuple(cross_attention_levels)
         _check_config(base_channels, channel_mults, attention_levels, num_groups, num_res_blocks)
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be an integer >= 1, got {patch_size}")
+        self.patch_size = patch_size
         outside = [lvl for lvl in cross_levels if not 0 <= lvl < len(channel_mults)]
         if outside:
             raise ValueError(f"cross_attention_levels {outside} are not level indices 0..{len(channel_mults) - 1}")
@@ -125,7 +133,7 @@ class UNet(nn.Module):
         self.out_channels = in_channels if out_channels is None else out_channels
         self.num_classes = num_classes
         self.image_size = image_size  # None: any size divisible by size_divisor (samplers need a shape)
-        self.size_divisor = 2 ** (len(channel_mults) - 1)
+        self.size_divisor = patch_size * 2 ** (len(channel_mults) - 1)
         if image_size is not None:
             _check_size(image_size, image_size, self.size_divisor)
 
@@ -156,7 +164,8 @@ class UNet(nn.Module):
             )
 
         widths = [base_channels * m for m in channel_mults]
-        self.conv_in = nn.Conv2d(in_channels + self.concat_channels, base_channels, 3, padding=1)
+        folded = patch_size * patch_size  # channels per input channel after the pixel unshuffle
+        self.conv_in = nn.Conv2d((in_channels + self.concat_channels) * folded, base_channels, 3, padding=1)
         skip_widths = [base_channels]
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -191,7 +200,7 @@ class UNet(nn.Module):
                 self.upsamples.append(Upsample(current))
 
         self.norm_out = GroupNormFP32(num_groups, current)
-        self.conv_out = zero_init(nn.Conv2d(current, self.out_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(current, self.out_channels * folded, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | dict | None = None) -> Tensor:
         """Predict from noisy images ``x`` [B, C, H, W] at timesteps ``t`` with labels ``cond``
@@ -216,7 +225,10 @@ class UNet(nn.Module):
                 return checkpoint(block, h, embed_act, context, mask, use_reentrant=False)
             return block(h, embed_act, context, mask)
 
-        h = self.conv_in(torch.cat([x, parts["concat"].to(x.dtype)], dim=1) if self.concat_channels else x)
+        h = torch.cat([x, parts["concat"].to(x.dtype)], dim=1) if self.concat_channels else x
+        if self.patch_size > 1:
+            h = F.pixel_unshuffle(h, self.patch_size)
+        h = self.conv_in(h)
         skips = [h]
         for level, blocks in enumerate(self.down_blocks):
             for blk in blocks:
@@ -235,7 +247,8 @@ class UNet(nn.Module):
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
 
     def _embed(self, x: Tensor, t: Tensor | float, cond: Tensor | None) -> Tensor:
         batch = x.shape[0]
@@ -271,9 +284,9 @@ class UNet(nn.Module):
 def _check_size(height: int, width: int, divisor: int) -> None:
     if height % divisor or width % divisor:
         raise ValueError(
-            f"image size {height}x{width} is not divisible by {divisor} = 2**(levels - 1), "
-            f"which the U-Net's downsampling needs; use an image_size that is a multiple of "
-            f"{divisor}, or fewer channel_mults (levels)"
+            f"image size {height}x{width} is not divisible by {divisor} = patch_size * 2**(levels - 1), "
+            f"which the U-Net's patches and downsampling need; use an image_size that is a multiple of "
+            f"{divisor}, or fewer channel_mults (levels) or a smaller patch_size"
         )
 
 
