@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install difflab with the dev extra
 	@$(BIN)/python -c "import difflab, torch, lightning; print('difflab', difflab.__version__, '| torch', torch.__version__, '| lightning', lightning.__version__)"
 
-train: $(STAMP)  ## train the default experiment (mnist5k, about 12 min on 2 CPU cores: it plans its epochs to fit); ARGS="key=value ..." to override
+train: $(STAMP)  ## train the default experiment (mnist5k, about 13 min on 2 CPU cores: it plans its epochs to fit); ARGS="key=value ..." to override
 	$(BIN)/difflab-train $(ARGS)
 
 test: $(STAMP)  ## the default test suite (7-10 min on 2 cores)

@@ -105,3 +105,14 @@ def test_default_experiment_is_mnist5k_with_measured_precision():
     assert cfg.data.name == "mnist5k" and cfg.trainer.precision == "auto" and cfg.channels_last == "auto"
     assert cfg.callbacks.ema._target_.endswith("EMA") and cfg.callbacks.sample_grid is not None
     assert cfg.logger.csv.save_dir == "/tmp/difflab-test-run"
+
+
+def test_default_network_is_patched_and_measured_experiments_keep_the_network_of_their_figures():
+    """The default trains on 2x2 patches; the experiments whose README tables were measured on
+    unet_mnist_lite (the default network before it) pin that network, so the tables stay true."""
+    default = _compose([]).model
+    assert default.patch_size == 2 and list(default.channel_mults) == [1, 1]
+    for experiment in ("mnist5k_long", "mnist5k_v", "mnist5k_cfg", "mnist5k_sr3", "mnist5k_palette"):
+        model = _compose([f"experiment={experiment}"]).model
+        assert model.patch_size == 1 and list(model.channel_mults) == [1, 2, 2], experiment
+    assert _compose(["experiment=mnist5k_ect"]).model.patch_size == 2  # tunes a default run: same network
