@@ -19,7 +19,8 @@ def bench(monkeypatch):
     tiny = dict(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
                 mid_attention=True, num_groups=4, image_size=8, attention_head_dim=8)
     monkeypatch.setattr(module, "PEER_CONFIG", tiny)
-    monkeypatch.setattr(module, "DEFAULT_CONFIG", {**tiny, "attention_levels": ()})
+    monkeypatch.setattr(module, "DEFAULT_CONFIG", {**tiny, "attention_levels": (), "patch_size": 2})
+    monkeypatch.setattr(module, "LITE_CONFIG", {**tiny, "attention_levels": ()})
     small = module.local_protocol(batch=4, shape=(1, 8, 8), iters=1, warmup=1)
     monkeypatch.setattr(module, "local_protocol", lambda: small)
     return module
@@ -28,7 +29,7 @@ def bench(monkeypatch):
 def test_bench_reports_every_setting_the_peaks_and_keeps_its_json(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, n=2048, seconds=0.5: 100.0)
     out = bench.main(["--peer", str(tmp_path / "missing.py"), "--out", str(tmp_path / "kept")])
-    assert set(out["models"]) == {"difflab (peer config)", "difflab unet_mnist_lite"}
+    assert set(out["models"]) == {"difflab (peer config)", "difflab unet_mnist_patch", "difflab unet_mnist_lite"}
     assert any("peer script not found" in n for n in out["notes"])
     for result in out["models"].values():
         assert set(result["train_img_s"]) == set(result["denoise_img_s"]) == {
@@ -48,3 +49,25 @@ def test_gradient_checkpointing_is_timed_and_keeps_fewer_activations(bench):
     assert result["plain_train_img_s"] > 0 and result["checkpointing_train_img_s"] > 0
     assert 0 < result["checkpointing_activation_mb"] < 0.7 * result["plain_activation_mb"]
     assert result["memory_saving"] > 0.3
+
+
+def test_the_default_network_is_read_from_the_config_the_training_default_names(bench):
+    from omegaconf import OmegaConf
+
+    train = OmegaConf.load(bench.REPO_ROOT / "conf" / "train.yaml")
+    named = next(d["model"] for d in OmegaConf.to_container(train.defaults) if isinstance(d, dict) and "model" in d)
+    assert named == bench.DEFAULT_MODEL
+    config = bench.model_config(bench.DEFAULT_MODEL)
+    assert config["patch_size"] == 2 and config["in_channels"] == 1 and config["image_size"] == 28
+    bench.UNet(**config)  # the file's keys are the U-Net's arguments
+
+
+def test_a_bf16_setting_is_measured_against_the_fp32_peak_where_bf16_matmuls_are_slower(bench):
+    result = {"train_gflop_per_img": 1.0, "denoise_gflop_per_img": 0.5,
+              "best_train": {"setting": "bf16/channels_last", "img_s": 50.0},
+              "best_denoise": {"setting": "fp32/contiguous", "img_s": 100.0}}
+    bench.peak_fraction(result, {"fp32": 100.0, "bf16": 0.5})  # an AVX2-only CPU: bf16 emulated
+    assert result["best_train"]["fraction_of_matmul_peak"] == pytest.approx(0.5)  # not 100x
+    assert result["best_denoise"]["fraction_of_matmul_peak"] == pytest.approx(0.5)
+    bench.peak_fraction(result, {"fp32": 100.0, "bf16": 400.0})  # fast bf16: its own peak
+    assert result["best_train"]["fraction_of_matmul_peak"] == pytest.approx(50.0 / 400.0)
