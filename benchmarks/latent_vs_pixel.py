@@ -8,13 +8,15 @@ the default run's wall-time budget and at half of it, on this machine (`make lat
    its start-up (grids and FID included) and its epoch time, and the budget's run trains as
    many epochs as fit.
 4. The same at T / 2: the pixel run with as many epochs as fit (a 1-epoch run and the
-   10-epoch default give its start-up and epoch time), an autoencoder with half its epochs,
+   default's run give its start-up and epoch time), an autoencoder with half its epochs,
    and latent diffusion with what is left.
+The default's epochs are what its time budget planned on this machine (`plan` in its
+result.json), so the table follows whatever the default experiment is.
 Each model is scored by difflab-evaluate (DDIM-50, 500 samples, domain FID), which also times
 the sampling (decoding included). Training img/s is each run's measured step rate times its
 batch. Writes results.md and results.json under outputs/latent_vs_pixel/<time>/.
 
-    python benchmarks/latent_vs_pixel.py            # about 20 minutes on 2 CPU cores
+    python benchmarks/latent_vs_pixel.py            # about 3x the default run's wall time
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def train(out: Path, name: str, *overrides: str) -> dict:
                  f"steps ({result.get('stop_reason')}); the table needs complete runs: pass trainer.max_time=null")
     return {"dir": run_dir, "seconds": seconds, "steps": result.get("steps"), "status": result["status"],
             "precision": (result.get("precision") or {}).get("precision"),
+            "planned_epochs": (result.get("plan") or {}).get("planned_epochs"),
             "img_per_s": steps_per_second(run_dir) * BATCH, "metrics": result["metrics"]}
 
 
@@ -74,6 +77,14 @@ def evaluate(out: Path, name: str, ckpt: Path) -> dict:
     with open(run_dir / "results.csv", newline="") as handle:
         row = next(csv.DictReader(handle))
     return {"fid": float(row["fid"]), "sample_seconds": float(row["seconds"])}
+
+
+def configured_epochs(run_dir: Path) -> int:
+    """`trainer.max_epochs` of a finished run, from its config.yaml (a run without a time budget)."""
+    match = re.search(r"^  max_epochs: (\d+)$", (run_dir / "config.yaml").read_text(), re.MULTILINE)
+    if not match:
+        raise RuntimeError(f"no trainer.max_epochs in {run_dir / 'config.yaml'}")
+    return int(match.group(1))
 
 
 def epochs_that_fit(budget: float, start_up: float, epoch: float, most: int = 200) -> int:
@@ -101,7 +112,8 @@ def main() -> None:
                         / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out = parser.parse_args().out
     out.mkdir(parents=True, exist_ok=True)
-    pixel = train(out, "pixel")  # the default experiment: 10 epochs
+    pixel = train(out, "pixel")  # the default experiment, as many epochs as its time budget plans here
+    pixel_epochs = pixel["planned_epochs"] or configured_epochs(pixel["dir"])
     budget = pixel["seconds"]
     ae = train(out, "ae", "experiment=mnist5k_autoencoder")
     first_stage = f"first_stage.ckpt={ae['dir'] / 'checkpoints' / 'autoencoder.pt'}"
@@ -110,14 +122,15 @@ def main() -> None:
     latent_timing = timing(short, long, (1, 3))
     latent = latent_within(out, "full", budget, ae, *latent_timing)
 
-    pixel_start_up, pixel_epoch = timing(train(out, "pixel_1_epoch", "trainer.max_epochs=1"), pixel, (1, 10))
-    pixel_half_epochs = epochs_that_fit(budget / 2, pixel_start_up, pixel_epoch, most=10)
+    pixel_start_up, pixel_epoch = timing(train(out, "pixel_1_epoch", "trainer.max_epochs=1"), pixel,
+                                        (1, pixel_epochs))
+    pixel_half_epochs = epochs_that_fit(budget / 2, pixel_start_up, pixel_epoch, most=pixel_epochs)
     pixel_half = {**train(out, "pixel_half", f"trainer.max_epochs={pixel_half_epochs}"), "epochs": pixel_half_epochs}
     ae_half = train(out, "ae_half", "experiment=mnist5k_autoencoder", "trainer.max_epochs=3")
     latent_half = latent_within(out, "half", budget / 2, ae_half, *latent_timing)
 
     rows = []
-    for label, budget_s, diffusion, first in (("pixel", budget, {**pixel, "epochs": 10}, None),
+    for label, budget_s, diffusion, first in (("pixel", budget, {**pixel, "epochs": pixel_epochs}, None),
                                               ("latent", budget, latent, ae),
                                               ("pixel", budget / 2, pixel_half, None),
                                               ("latent", budget / 2, latent_half, ae_half)):
