@@ -66,7 +66,6 @@ def train(out: Path, name: str, *overrides: str) -> dict:
                  f"steps ({result.get('stop_reason')}); the table needs complete runs: pass trainer.max_time=null")
     return {"dir": run_dir, "seconds": seconds, "steps": result.get("steps"), "status": result["status"],
             "precision": (result.get("precision") or {}).get("precision"),
-            "planned_epochs": (result.get("plan") or {}).get("planned_epochs"),
             "img_per_s": steps_per_second(run_dir) * BATCH, "metrics": result["metrics"]}
 
 
@@ -79,12 +78,15 @@ def evaluate(out: Path, name: str, ckpt: Path) -> dict:
     return {"fid": float(row["fid"]), "sample_seconds": float(row["seconds"])}
 
 
-def configured_epochs(run_dir: Path) -> int:
-    """`trainer.max_epochs` of a finished run, from its config.yaml (a run without a time budget)."""
-    match = re.search(r"^  max_epochs: (\d+)$", (run_dir / "config.yaml").read_text(), re.MULTILINE)
-    if not match:
-        raise RuntimeError(f"no trainer.max_epochs in {run_dir / 'config.yaml'}")
-    return int(match.group(1))
+def run_epochs(run_dir: Path) -> int:
+    """The epochs a finished run trained: what its time budget planned (`plan` in result.json),
+    or its `trainer.max_epochs` (config.yaml) when it had no budget."""
+    plan = json.loads((run_dir / "result.json").read_text()).get("plan")
+    if plan:
+        return int(plan["planned_epochs"])
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(run_dir / "config.yaml").trainer.max_epochs)
 
 
 def epochs_that_fit(budget: float, start_up: float, epoch: float, most: int = 200) -> int:
@@ -113,7 +115,7 @@ def main() -> None:
     out = parser.parse_args().out
     out.mkdir(parents=True, exist_ok=True)
     pixel = train(out, "pixel")  # the default experiment, as many epochs as its time budget plans here
-    pixel_epochs = pixel["planned_epochs"] or configured_epochs(pixel["dir"])
+    pixel_epochs = run_epochs(pixel["dir"])
     budget = pixel["seconds"]
     ae = train(out, "ae", "experiment=mnist5k_autoencoder")
     first_stage = f"first_stage.ckpt={ae['dir'] / 'checkpoints' / 'autoencoder.pt'}"

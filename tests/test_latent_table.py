@@ -1,0 +1,31 @@
+"""`make latent-table` follows the default experiment: the pixel run's epochs are what its time
+budget planned on this machine, or its max_epochs when it had no budget."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _table():
+    spec = importlib.util.spec_from_file_location("latent_vs_pixel", REPO / "benchmarks" / "latent_vs_pixel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pixel_runs_epochs_come_from_its_plan_else_its_config(tmp_path):
+    table = _table()
+    (tmp_path / "config.yaml").write_text("trainer:\n  max_epochs: 40\nmodel:\n  max_epochs: 3\n")
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "plan": {"planned_epochs": 19}}))
+    assert table.run_epochs(tmp_path) == 19
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok"}))
+    assert table.run_epochs(tmp_path) == 40
+
+
+def test_epochs_that_fit_stay_within_the_budget_and_the_default():
+    table = _table()
+    assert table.epochs_that_fit(100.0, start_up=10.0, epoch=20.0, most=40) == 4
+    assert table.epochs_that_fit(1000.0, start_up=10.0, epoch=20.0, most=40) == 40
+    assert table.epochs_that_fit(5.0, start_up=10.0, epoch=20.0) == 1
