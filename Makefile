@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.difflab-installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-all bench ablate ablate-methods latent-table ttq few-steps clean-outputs
+.PHONY: help install train test test-slow test-all bench ablate ablate-methods latent-table ttq few-steps gpu-check clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ ttq: $(STAMP)  ## time to quality: difflab's default recipe and the two peers, F
 
 few-steps: $(STAMP)  ## consistency tuning (ECT) of the default run: FID at 1 and 2 network calls against DDIM / DPM-Solver++ at 10 (~12 min)
 	$(BIN)/python benchmarks/few_steps.py $(ARGS)
+
+gpu-check: $(STAMP)  ## on a machine with a CUDA GPU: precision auto's choice, the default run with trainer=gpu (2-min budget), DDIM-50 FID, make bench there at batch 64 and 1024 (~8 min on an H200)
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 clean-outputs:  ## delete every run under outputs/ (keeps outputs/README.md)
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

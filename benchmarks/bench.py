@@ -1,12 +1,20 @@
 """`make bench`: difflab's U-Net next to the peer U-Nets, in one run on one machine.
 
-    python benchmarks/bench.py [--peer PATH] [--quick] [--compile] [--out DIR]
+    python benchmarks/bench.py [--peer PATH] [--quick] [--compile] [--device auto|cpu|cuda]
+                               [--batch N] [--out DIR]
 
 The peers and the measuring protocol (batch, warm-up, iterations, Adam step, MSE to eps,
 FLOP counting) come from importing the peer script (default ../shared/peer_bench.py from
 the repo root), so both sides are timed by the same functions. If that script or a peer
 package is missing, a note says so and difflab's numbers are still reported, timed by a
 local stand-in of the same protocol.
+
+On a GPU (`--device auto` picks CUDA where there is one) the peer script's timing functions
+cannot be used as they are: they build their batches on the CPU and autocast the CPU. The
+stand-in then times every model, the peers' own U-Nets (still built by the peer script)
+included, by the same protocol on the GPU, synchronising before each clock read, with more
+iterations (batches of 64 small digits take milliseconds there). `--batch` changes the batch
+of every model; at the peers' 64 a GPU mostly measures launch overhead.
 
 Every model is timed in four settings (fp32 / bf16 autocast x contiguous / channels_last)
 and compared at its own fastest one. The run also measures this machine's matmul peak in
@@ -38,6 +46,7 @@ from difflab.training import precision
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PEER = REPO_ROOT.parent / "shared" / "peer_bench.py"
 CL = torch.channels_last
+DEVICE = torch.device("cpu")  # where every model is timed; main() sets it from --device
 # The peers' shape of the problem: 28x28x1 digits, channels 32/64/128, attention in the middle.
 PEER_CONFIG = dict(
     in_channels=1, base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=1,
@@ -73,18 +82,27 @@ def load_peer(path: Path) -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a clock read times it (nothing on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def local_protocol(batch: int = 64, shape=(1, 28, 28), iters: int = 8, warmup: int = 2):
-    """Stand-in for the peer script's timing functions when it is unavailable: same
-    batch, warm-up, iterations, Adam(1e-4) step and MSE-to-eps loss."""
+    """Stand-in for the peer script's timing functions when it is unavailable (or on a GPU):
+    same batch, warm-up, iterations, Adam(1e-4) step and MSE-to-eps loss, on DEVICE."""
 
     def inputs():
-        return torch.randn(batch, *shape), torch.randint(0, 1000, (batch,))
+        return (torch.randn(protocol.BATCH, *protocol.SHAPE, device=DEVICE),
+                torch.randint(0, 1000, (protocol.BATCH,), device=DEVICE))
 
     def timed(step):
         for i in range(protocol.WARMUP + protocol.ITERS):
             if i == protocol.WARMUP:
+                synchronize()
                 start = time.perf_counter()
             step()
+        synchronize()
         return protocol.BATCH * protocol.ITERS / (time.perf_counter() - start)
 
     def train_rate(model, fwd, bf16=False):
@@ -93,7 +111,7 @@ def local_protocol(batch: int = 64, shape=(1, 28, 28), iters: int = 8, warmup: i
         eps = torch.randn_like(x)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = torch.nn.functional.mse_loss(fwd(model, x, t).float(), eps)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,13 +141,18 @@ def local_protocol(batch: int = 64, shape=(1, 28, 28), iters: int = 8, warmup: i
 
 # -- the machine ------------------------------------------------------------------------
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> float:
-    """GFLOP/s of an n x n matmul in `dtype` on this machine (best of repeated runs)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    """GFLOP/s of an n x n matmul in `dtype` on DEVICE (best of repeated runs; on a GPU n is
+    raised to 8192, the size at which its matrix units run near their peak)."""
+    if DEVICE.type == "cuda":
+        n = max(n, 8192)
+    a, b = torch.randn(n, n, device=DEVICE).to(dtype), torch.randn(n, n, device=DEVICE).to(dtype)
     a @ b
+    synchronize()
     best, spent = float("inf"), 0.0
     while spent < seconds:
         start = time.perf_counter()
         a @ b
+        synchronize()
         took = time.perf_counter() - start
         best, spent = min(best, took), spent + took
     return 2 * n**3 / best / 1e9
@@ -138,9 +161,25 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 0.5) -> floa
 def auto_choice() -> dict:
     """What `precision: auto` decides for the default model at the default batch (a fresh probe)."""
     torch.manual_seed(0)
-    decision = precision.resolve("auto", "cpu", "auto", UNet(**DEFAULT_CONFIG), (32, 1, 28, 28))
+    decision = precision.resolve("auto", DEVICE.type, "auto", UNet(**DEFAULT_CONFIG), (32, 1, 28, 28))
     return {"precision": decision.precision, "channels_last": decision.channels_last,
             "probe_img_s": decision.rates, "probe_seconds": decision.probe_seconds}
+
+
+def pick_device(name: str) -> str:
+    """cuda or cpu for --device; asking for cuda where there is none is an error that says so."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda, but torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def gpu_name() -> dict:
+    """The GPU's name and CUDA version where the models are timed on one."""
+    if DEVICE.type != "cuda":
+        return {}
+    return {"gpu": torch.cuda.get_device_name(DEVICE), "cuda": torch.version.cuda}
 
 
 # -- timing one model in every setting --------------------------------------------------
@@ -148,7 +187,7 @@ def _forward(fwd, channels_last: bool, bf16_eval: bool):
     def forward(model, x, t):
         if channels_last:
             x = x.contiguous(memory_format=CL)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_eval):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16_eval):
             return fwd(model, x, t)
 
     return forward
@@ -159,15 +198,25 @@ def _call(model, x, t):
 
 
 def flops_forward(model, fwd, protocol) -> float:
-    x, t = torch.randn(protocol.BATCH, *protocol.SHAPE), torch.randint(0, 1000, (protocol.BATCH,))
+    x = torch.randn(protocol.BATCH, *protocol.SHAPE, device=DEVICE)
+    t = torch.randint(0, 1000, (protocol.BATCH,), device=DEVICE)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         fwd(model, x, t)
     return counter.get_total_flops() / protocol.BATCH
 
 
+def on_device(build):
+    """`build` with its model moved to DEVICE (the peer script builds on the CPU)."""
+    def moved():
+        model, fwd = build()
+        return model.to(DEVICE), fwd
+    return moved
+
+
 def bench_model(protocol, build, rough_bf16: bool) -> dict:
     """Train and denoise img/s in every setting; `build()` -> (fresh model, forward fn)."""
+    build = on_device(build)
     model, fwd = build()
     result = {
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -226,7 +275,7 @@ def saved_activation_mb(model, x: torch.Tensor, t: torch.Tensor, bf16: bool) -> 
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(x, t).float().square().mean()
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -236,12 +285,12 @@ def saved_activation_mb(model, x: torch.Tensor, t: torch.Tensor, bf16: bool) -> 
 def bench_checkpointing(protocol, bf16: bool) -> dict:
     """Training img/s and saved activations, without and with gradient checkpointing."""
     out = {"precision": "bf16" if bf16 else "fp32"}
-    x = torch.randn(protocol.BATCH, *protocol.SHAPE).contiguous(memory_format=CL)
-    t = torch.randint(0, 1000, (protocol.BATCH,))
+    x = torch.randn(protocol.BATCH, *protocol.SHAPE, device=DEVICE).contiguous(memory_format=CL)
+    t = torch.randint(0, 1000, (protocol.BATCH,), device=DEVICE)
     for checkpointing in (False, True):
         key = "checkpointing" if checkpointing else "plain"
         torch.manual_seed(0)
-        model = UNet(**PEER_CONFIG, gradient_checkpointing=checkpointing).to(memory_format=CL)
+        model = UNet(**PEER_CONFIG, gradient_checkpointing=checkpointing).to(DEVICE, memory_format=CL)
         out[f"{key}_activation_mb"] = saved_activation_mb(model, x, t, bf16)
         out[f"{key}_train_img_s"] = protocol.train_rate(model, _forward(_call, True, False),
                                                         bf16=bf16)
@@ -251,7 +300,7 @@ def bench_checkpointing(protocol, bf16: bool) -> dict:
 
 
 def bench_compiled(protocol, bf16: bool) -> dict:
-    model = UNet(**PEER_CONFIG).to(memory_format=CL)
+    model = UNet(**PEER_CONFIG).to(DEVICE, memory_format=CL)
     compiled = torch.compile(model, fullgraph=True)
     start = time.perf_counter()
     train = protocol.train_rate(compiled, _forward(_call, True, False), bf16=bf16)
@@ -279,25 +328,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="path of peer_bench.py")
     parser.add_argument("--quick", action="store_true", help="fewer timed iterations (noisier)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd difflab")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to time the models (auto: the GPU where there is one)")
+    parser.add_argument("--batch", type=int, default=None, help="batch of every model (default: the peers' 64)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "bench", help="where the JSON is kept")
     args = parser.parse_args(argv)
 
+    global DEVICE
+    DEVICE = torch.device(pick_device(args.device))
     peer, note = load_peer(args.peer)
-    protocol = peer if peer is not None else local_protocol()
+    protocol = peer if peer is not None and DEVICE.type == "cpu" else local_protocol()
+    if DEVICE.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as trainer=gpu runs (fixed shapes)
+        protocol.ITERS, protocol.WARMUP = 50, 10  # a step takes milliseconds there
     if args.quick:  # the peer functions read these module globals at call time
         protocol.ITERS, protocol.WARMUP = 3, 1
+    if args.batch is not None:
+        protocol.BATCH = args.batch
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     rough_bf16 = peaks["bf16"] < 0.5 * peaks["fp32"]
     out = {
-        "machine": precision.machine(),
+        "machine": {**precision.machine(), **gpu_name()},
         "matmul_peak_gflop_s": peaks,
         "auto": auto_choice(),
         "protocol": {"batch": protocol.BATCH, "shape": list(protocol.SHAPE),
                      "iters": protocol.ITERS, "warmup": protocol.WARMUP,
-                     "source": str(args.peer) if peer is not None else "local stand-in"},
+                     "device": DEVICE.type,
+                     "source": str(args.peer) if protocol is peer else "local stand-in"},
         "notes": [note] if note else [],
         "models": {},
     }
+    if peer is not None and protocol is not peer:
+        out["notes"].append(f"on {DEVICE.type}: every model, the peers' U-Nets too, timed by the local "
+                            "stand-in of the peer protocol (the peer script's functions run on the CPU only)")
     if rough_bf16:
         out["notes"].append("bf16 matmul is slower than half of fp32 here: bf16 settings timed over one step")
 
@@ -335,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
     kept = args.out / f"bench-{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
     kept.write_text(text + "\n")
     m = out["machine"]
+    if "gpu" in m:
+        print(f"GPU: {m['gpu']} (CUDA {m['cuda']}), timed there", file=sys.stderr)
     print(f"machine: {m['cpu']} | ISA {', '.join(m['isa']) or '-'} ({m['torch_cpu_capability']}) | "
           f"{m['threads']} threads | torch {m['torch']}", file=sys.stderr)
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s | precision auto: "

@@ -22,7 +22,7 @@ def bench(monkeypatch):
     monkeypatch.setattr(module, "DEFAULT_CONFIG", {**tiny, "attention_levels": (), "patch_size": 2})
     monkeypatch.setattr(module, "LITE_CONFIG", {**tiny, "attention_levels": ()})
     small = module.local_protocol(batch=4, shape=(1, 8, 8), iters=1, warmup=1)
-    monkeypatch.setattr(module, "local_protocol", lambda: small)
+    monkeypatch.setattr(module, "local_protocol", lambda **kwargs: small)
     return module
 
 
@@ -71,3 +71,26 @@ def test_a_bf16_setting_is_measured_against_the_fp32_peak_where_bf16_matmuls_are
     assert result["best_denoise"]["fraction_of_matmul_peak"] == pytest.approx(0.5)
     bench.peak_fraction(result, {"fp32": 100.0, "bf16": 400.0})  # fast bf16: its own peak
     assert result["best_train"]["fraction_of_matmul_peak"] == pytest.approx(50.0 / 400.0)
+
+
+def test_batch_sets_the_batch_of_every_model_and_the_device_is_recorded(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, n=2048, seconds=0.5: 100.0)
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    seen = []
+    timed = bench.local_protocol().train_rate
+
+    def train_rate(model, fwd, bf16=False):
+        seen.append(bench.local_protocol().BATCH)
+        return timed(model, fwd, bf16)
+
+    monkeypatch.setattr(bench.local_protocol(), "train_rate", train_rate)
+    out = bench.main(["--peer", str(tmp_path / "missing.py"), "--batch", "3", "--out", str(tmp_path)])
+    assert out["protocol"]["batch"] == 3 and out["protocol"]["device"] == "cpu"
+    assert seen and set(seen) == {3}
+
+
+def test_asking_for_cuda_where_there_is_none_says_so(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU here; use --device cpu"):
+        bench.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert bench.pick_device("auto") == "cpu" and not list(tmp_path.iterdir())  # nothing written
