@@ -7,7 +7,9 @@ import torch
 from difflab.models import UNet
 from difflab.training import precision as P
 from difflab.training.fid import FID
-from difflab.training.inference_precision import AutocastNetwork, resolve_inference, time_forward
+from difflab.diffusion.guidance import ClassifierFreeGuidance
+from difflab.training.inference_precision import (INFER_PROBE_BATCH, AutocastNetwork, in_sampling_setting,
+                                                  resolve_inference, time_forward)
 
 SHAPE = (32, 1, 8, 8)
 
@@ -35,7 +37,7 @@ def test_the_forward_probe_decides_both_ways_and_caches_apart_from_training(rate
                                  bf16_check=lambda: 3.0)
     assert (decision.precision, decision.channels_last) == expected
     assert [p.name.split("-")[0] for p in (tmp_path / "precision").iterdir()] == ["infer"]
-    assert P.cache_path(tmp_path, tiny_net(), SHAPE, "infer").is_file()
+    assert P.cache_path(tmp_path, tiny_net(), SHAPE, "infer", INFER_PROBE_BATCH).is_file()
 
 
 def test_explicit_and_cuda_settings_need_no_probe():
@@ -70,3 +72,34 @@ def test_bad_values_name_the_key():
         FID(precision="fp8")
     with pytest.raises(P.PrecisionError, match="precision='half'"):
         resolve_inference("half", "cpu", tiny_net(), SHAPE)
+
+
+@pytest.mark.parametrize("batch, probed", [(250, INFER_PROBE_BATCH), (32, 32)])
+def test_the_sampling_probe_runs_at_the_samplers_batch_not_trainings_small_one(batch, probed, tmp_path):
+    seen = []
+
+    def timer(net, shape, candidate, cond=None, fp32_first=None):
+        seen.append(shape[0])
+        return 0.01, 0.01
+    resolve_inference("auto", "cpu", tiny_net(), (batch, 1, 8, 8), cache_dir=tmp_path, timer=timer,
+                      bf16_check=lambda: 3.0)
+    assert set(seen) == {probed} and probed > P.PROBE_BATCH
+    assert P.cache_path(tmp_path, tiny_net(), (batch, 1, 8, 8), "infer", INFER_PROBE_BATCH).is_file()
+    # a cache written by the small training-sized probe is not read for sampling
+    assert not P.cache_path(tmp_path, tiny_net(), (batch, 1, 8, 8), "infer").is_file()
+
+
+def test_a_latent_models_decoder_runs_in_the_setting_its_network_samples_in():
+    seen = []
+
+    def decode(latents):
+        seen.append((torch.is_autocast_enabled("cpu"), latents.is_contiguous(memory_format=torch.channels_last)))
+        return torch.nn.functional.conv2d(latents, torch.ones(1, 4, 1, 1))
+    z = torch.randn(2, 4, 7, 7)
+    plain = tiny_net(num_classes=10)
+    assert in_sampling_setting(decode, plain) is decode  # fp32 contiguous: nothing to change
+    wrapped = AutocastNetwork.wrap(plain, P.Decision("bf16-mixed", True, {}, "cpu", "requested"))
+    for net in (wrapped, ClassifierFreeGuidance(wrapped, 10, 3.0)):
+        images = in_sampling_setting(decode, net)(z)
+        assert images.dtype == torch.float32 and seen[-1] == (True, True)
+        assert torch.allclose(images, z.sum(1, keepdim=True), rtol=0.02, atol=0.05)  # the same decoder

@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,3 +31,16 @@ def test_epochs_that_fit_stay_within_the_budget_and_the_default():
     assert table.epochs_that_fit(100.0, start_up=10.0, epoch=20.0, most=40) == 4
     assert table.epochs_that_fit(1000.0, start_up=10.0, epoch=20.0, most=40) == 40
     assert table.epochs_that_fit(5.0, start_up=10.0, epoch=20.0) == 1
+
+
+def test_a_latent_run_is_planned_to_what_the_autoencoder_and_its_overhead_leave():
+    table = _table()
+    run = {"seconds": 100.0, "steps": 700, "img_per_s": 10.0 * table.BATCH}  # 70 s of steps at 10 steps/s
+    assert table.outside_steps(run) == 30.0
+    assert table.latent_budget_minutes(564.0, ae_seconds=87.0, overhead=30.0) == (564.0 - 87.0 - 30.0) / 60
+
+
+def test_no_time_left_for_the_latent_run_is_an_error_that_names_what_to_change():
+    table = _table()
+    with pytest.raises(SystemExit, match="no time left for latent diffusion.*autoencoder fewer epochs"):
+        table.latent_budget_minutes(100.0, ae_seconds=90.0, overhead=30.0)

@@ -37,6 +37,7 @@ from difflab.metrics.features import ExtractorUnavailableError
 from difflab.training.callbacks import save_grid
 from difflab.training.checkpoint import CheckpointError
 from difflab.training.first_stage import image_shape_of, is_latent
+from difflab.training.inference_precision import in_sampling_setting
 
 log = logging.getLogger("difflab.evaluate")
 _hydra.setup()
@@ -73,6 +74,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
                                  "task=superres methods=[sr3] or task=inpaint methods=[palette].")
     base, schedule = build_denoiser(run_config, weights, device, precision=cfg.precision,
                                     cache_dir=cfg.paths.cache_dir, batch=min(cfg.batch_size, cfg.n))
+    decode = in_sampling_setting(decode, base.net)
     net, num_classes = base.net, run_config["model"].get("num_classes")
     if text is not None:  # labels become captions from the `prompt_templates` templates
         num_classes = text.num_classes

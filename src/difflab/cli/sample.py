@@ -27,7 +27,7 @@ from difflab.metrics.report import OutputWriteError
 from difflab.training.callbacks import save_grid
 from difflab.training.checkpoint import CheckpointError, read_checkpoint
 from difflab.training.first_stage import is_latent, latent_space_from_checkpoint
-from difflab.training.inference_precision import AutocastNetwork, resolve_inference
+from difflab.training.inference_precision import AutocastNetwork, in_sampling_setting, resolve_inference
 from difflab.training.tasks import probe_conditions
 
 log = logging.getLogger("difflab.sample")
@@ -126,6 +126,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     denoiser, schedule = build_denoiser(run_config, weights, device, scale if labels is not None else None,
                                         precision=cfg.precision, cache_dir=cfg.paths.cache_dir,
                                         batch=min(cfg.batch_size, n))
+    decode = in_sampling_setting(decode, denoiser.net)
     sampler = instantiate(cfg.sampler if cfg.sampler is not None else run_config["sampler"])
     shape = (model["in_channels"], model["image_size"], model["image_size"])
     generator = torch.Generator(device).manual_seed(cfg.seed)

@@ -154,10 +154,10 @@ def time_candidate(net: nn.Module, shape: Sequence[int], candidate: Candidate, *
 
 def probe(net: nn.Module, shape: Sequence[int], candidates: Sequence[Candidate], *,
           cond: Optional[torch.Tensor] = None,
-          timer: Callable[..., tuple[float, float]] = time_candidate) -> dict[str, float]:
-    """Images per second of each candidate, at a batch of at most `PROBE_BATCH` (fp32 first:
-    it is the yardstick)."""
-    batch_shape = (min(int(shape[0]), PROBE_BATCH), *shape[1:])
+          timer: Callable[..., tuple[float, float]] = time_candidate, batch: int = PROBE_BATCH) -> dict[str, float]:
+    """Images per second of each candidate, at a batch of at most `batch` (fp32 first: it is
+    the yardstick)."""
+    batch_shape = (min(int(shape[0]), batch), *shape[1:])
     rates: dict[str, float] = {}
     fp32_first = None
     for candidate in sorted(candidates, key=lambda c: c.precision != "32-true"):
@@ -237,15 +237,20 @@ class Decision:
         return asdict(self)
 
 
-def _signature(net: nn.Module, shape: Sequence[int]) -> str:
-    """The probe's cache key: the network's structure and parameter shapes, the input shape."""
+def _signature(net: nn.Module, shape: Sequence[int], probe_batch: int = PROBE_BATCH) -> str:
+    """The probe's cache key: the network's structure and parameter shapes, the input shape and
+    the batch the probe runs at (the smaller of the two batches)."""
     text = repr(net) + repr([tuple(p.shape) for p in net.parameters()]) + repr(tuple(shape[1:]))
+    batch = min(int(shape[0]), probe_batch)
+    if batch != PROBE_BATCH:  # the training probe's keys stay what they were
+        text += f"batch={batch}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_path(cache_dir: str | Path, net: nn.Module, shape: Sequence[int], kind: str = "train") -> Path:
-    """Where the probe result for this network and input shape is cached."""
-    return Path(cache_dir) / "precision" / f"{kind}-{_signature(net, shape)}.json"
+def cache_path(cache_dir: str | Path, net: nn.Module, shape: Sequence[int], kind: str = "train",
+               probe_batch: int = PROBE_BATCH) -> Path:
+    """Where the probe result for this network, input shape and probe batch is cached."""
+    return Path(cache_dir) / "precision" / f"{kind}-{_signature(net, shape, probe_batch)}.json"
 
 
 def _read_cache(path: Path, here: dict[str, Any]) -> dict[str, Any]:
@@ -290,7 +295,7 @@ def device_kind(accelerator: Any) -> str:
 def resolve(precision: Any, accelerator: Any, channels_last: Any, net: nn.Module, shape: Sequence[int], *,
             cache_dir: Optional[str | Path] = None, cond: Optional[torch.Tensor] = None,
             timer: Callable[..., tuple[float, float]] = time_candidate, kind: str = "train",
-            bf16_check: Optional[Callable[[], float]] = None) -> Decision:
+            bf16_check: Optional[Callable[[], float]] = None, probe_batch: int = PROBE_BATCH) -> Decision:
     """Decide precision and layout for training `net` on batches of `shape` [B, C, H, W].
 
     Explicit settings win; `auto` ones are decided here. On the CPU an explicit bf16-mixed
@@ -318,7 +323,7 @@ def resolve(precision: Any, accelerator: Any, channels_last: Any, net: nn.Module
         return Decision(asked, bool(channels_last), requested, device, "requested", warnings=warnings)
 
     here = machine()
-    path = cache_path(cache_dir, net, shape, kind) if cache_dir is not None else None
+    path = cache_path(cache_dir, net, shape, kind, probe_batch) if cache_dir is not None else None
     cached = _read_cache(path, here) if path is not None else {}
     rates, gain = dict(cached.get("rates") or {}), cached.get("bf16_matmul_gain")
     source, seconds, start = "cache", None, time.perf_counter()
@@ -329,7 +334,7 @@ def resolve(precision: Any, accelerator: Any, channels_last: Any, net: nn.Module
             candidates = [c for c in candidates if c.precision == "32-true"]
     missing = [c for c in candidates if c.name not in rates]
     if missing:
-        rates.update(probe(net, shape, missing, cond=cond, timer=timer))
+        rates.update(probe(net, shape, missing, cond=cond, timer=timer, batch=probe_batch))
         source = "probe"
     if source == "probe":
         seconds = round(time.perf_counter() - start, 2)
