@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from difflab.models import UNet
+from difflab.models import conditioning
 from difflab.models.conditioning import ClassEmbedder, ClassTokens, Conditioner
 from difflab.models.layers import CrossAttention
 
@@ -134,3 +135,37 @@ def test_mismatched_tokens_and_levels_are_refused(conditioner, levels, message):
 def test_token_embedders_of_different_widths_are_refused():
     with pytest.raises(ValueError, match="share one width"):
         Conditioner([ClassTokens(10, dim=12), ClassTokens(10, dim=8, input_key="other")]).sizes()
+
+
+def test_guidance_on_condition_dicts_runs_one_doubled_batch_equal_to_two_calls():
+    from difflab.diffusion import guidance
+
+    net = _unet(Conditioner([ClassTokens(10, dim=12, p_drop=0.1), ClassEmbedder(10, dim=8, input_key="other")]),
+                cross_attention_levels=[0, 1]).eval()
+    for layer in (m for m in net.modules() if isinstance(m, CrossAttention)):
+        torch.nn.init.normal_(layer.to_out.weight, std=0.2)
+    calls = []
+
+    def counted(x, t, cond):
+        calls.append(x.shape[0])
+        return net(x, t, cond)
+    guided = guidance.ClassifierFreeGuidance(counted, None, 3.0, dict_conditions=True)
+    x, t = torch.randn(3, 1, 8, 8), torch.randint(0, 1000, (3,))
+    cond = {"label": torch.tensor([1, 2, 3]), "other": torch.tensor([4, 5, 6])}
+    with torch.no_grad():
+        out = guided(x, t, cond)
+        unconditional, conditional = net(x, t, None), net(x, t, cond)
+    assert calls == [6]  # one call on the doubled batch, not two
+    torch.testing.assert_close(out, unconditional + 3.0 * (conditional - unconditional), atol=1e-5, rtol=1e-4)
+    assert guidance.DROP_KEY == conditioning.DROP_KEY  # the one contract, written on both sides
+
+
+def test_a_drop_mask_zeroes_exactly_its_rows_and_a_bad_one_is_refused():
+    conditioner = Conditioner([ClassTokens(10, dim=12, p_drop=0.0)]).eval()
+    like, labels = torch.zeros(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    parts = conditioner({"label": labels, conditioning.DROP_KEY: torch.tensor([False, True, False])}, like)
+    plain = conditioner({"label": labels}, like)
+    torch.testing.assert_close(parts["tokens"][[0, 2]], plain["tokens"][[0, 2]])
+    assert not parts["tokens"][1].any() and parts["token_mask"].all()
+    with pytest.raises(conditioning.ConditionError, match="'_drop' must be a bool tensor of shape \\[3\\]"):
+        conditioner({"label": labels, conditioning.DROP_KEY: torch.tensor([0, 1, 0])}, like)

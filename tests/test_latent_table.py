@@ -37,7 +37,9 @@ def test_a_latent_run_is_planned_to_what_the_autoencoder_and_its_overhead_leave(
     table = _table()
     run = {"seconds": 100.0, "steps": 700, "img_per_s": 10.0 * table.BATCH}  # 70 s of steps at 10 steps/s
     assert table.outside_steps(run) == 30.0
-    assert table.latent_budget_minutes(564.0, ae_seconds=87.0, overhead=30.0) == (564.0 - 87.0 - 30.0) / 60
+    minutes = table.latent_budget_minutes(564.0, ae_seconds=87.0, overhead=30.0)
+    planned_steps_seconds = 60 * minutes * table.STEP_FRACTION  # what the run's time budget fills with steps
+    assert planned_steps_seconds == pytest.approx((564.0 - 87.0 - 30.0) * (1 - table.IN_RUN_EXTRAS))
 
 
 def test_no_time_left_for_the_latent_run_is_an_error_that_names_what_to_change():

@@ -102,8 +102,15 @@ def test_the_empty_prompt_gives_the_unconditional_prediction():
 
 
 def test_guidance_on_condition_dicts_combines_the_two_predictions():
-    def net(x, t, cond=None):
-        return x * 0 + (0.0 if cond is None else 1.0 + cond["text"].float().mean())
+    from difflab.diffusion.guidance import DROP_KEY
+
+    def net(x, t, cond=None):  # 0 unconditionally, 1 + the row's mean token id with its prompt
+        if cond is None:
+            return x * 0
+        value = 1.0 + cond["text"].float().mean(dim=1)
+        if DROP_KEY in cond:  # the doubled batch: its second half is the unconditional one
+            value = torch.where(cond[DROP_KEY], torch.zeros_like(value), value)
+        return x * 0 + value.view(-1, 1, 1, 1)
 
     x, t, cond = torch.zeros(2, 1, 2, 2), torch.tensor([1, 2]), {"text": torch.ones(2, 3, dtype=torch.long)}
     for scale, expected in ((0.0, 0.0), (1.0, 2.0), (3.0, 6.0)):
@@ -173,6 +180,29 @@ def test_sample_draws_from_prompts_and_warns_about_unknown_words(text_run, tmp_p
         written = sample(_compose("sample", [*common, "prompt=a purple seven", "n=2", "guidance.scale=2",
                                              f"paths.output_dir={tmp_path / 'one'}"]))
     assert "purple" in caplog.text and np.load(written["npz"])["images"].shape[0] == 2
+
+
+def test_interpolation_runs_each_row_under_its_prompt(text_run, tmp_path):
+    from difflab.cli.sample import sample
+
+    ckpt = text_run[0] / "checkpoints" / "ema.pt"
+    written = sample(_compose("sample", [f"ckpt={ckpt}", "mode=interpolate", "columns=3", "sampler=ddim",
+                                         "sampler.steps=3", "progress=false", "precision=32-true", "nrow=1",
+                                         "prompts=[a handwritten seven,the digit 3]",
+                                         f"paths.output_dir={tmp_path}"]))
+    from PIL import Image
+
+    assert Image.open(written["interpolate"]).size == (3 * 10 + 2, 2 * 10 + 2)  # 2 prompts x 3 columns, 8px
+
+
+def test_interpolation_repeats_each_rows_condition_along_its_row():
+    from difflab.cli.sample_modes import repeat_rows
+
+    text = torch.tensor([[5, 6, 0], [7, 0, 0], [9, 9, 9]])
+    rows = repeat_rows({"text": text}, rows=2, columns=3, device="cpu")
+    assert rows["text"].tolist() == [[5, 6, 0]] * 3 + [[7, 0, 0]] * 3
+    assert repeat_rows(torch.tensor([4, 2, 1]), 2, 2, "cpu").tolist() == [4, 4, 2, 2]
+    assert repeat_rows(None, 2, 2, "cpu") is None
 
 
 def test_prompts_on_a_model_without_text_are_refused():

@@ -131,9 +131,9 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     shape = (model["in_channels"], model["image_size"], model["image_size"])
     generator = torch.Generator(device).manual_seed(cfg.seed)
     out = Path(cfg.paths.output_dir)
-    if text is not None and cfg.mode != "sample":
+    if text is not None and cfg.mode not in ("sample", "interpolate"):
         raise schema.ConfigError(f"mode={cfg.mode} is not available for a text-to-image model yet; use mode=sample "
-                                 "with prompt= or prompts=[...].")
+                                 "or mode=interpolate, with prompt= or prompts=[...].")
     if run_config.get("task") is not None and text is None and cfg.mode not in ("inpaint", "superres"):
         kind = run_config["task"]["_target_"].rsplit(".", 1)[-1]
         raise schema.ConfigError(f"{cfg.ckpt} is a {kind} model: it needs its condition, so mode={cfg.mode} does "
@@ -179,6 +179,8 @@ def run_mode(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn.Module, sam
              decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, Path]:
     """mode=inversion | interpolate | forward: one strip image each (see sample_modes)."""
     rows = min(cfg.n, 16)
+    if isinstance(labels, dict):  # a text model's prompts (prompt=, prompts=[...]): a row for each entry
+        rows = min(rows, min(len(value) for value in labels.values() if torch.is_tensor(value)))
     if cfg.mode == "inversion":
         stats = sample_modes.inversion(denoiser, schedule, sampler, run_config, rows, out)
         print(f"DDIM inversion with {stats['steps']} steps: reconstruction MSE {stats['reconstruction_mse']:.5f}")

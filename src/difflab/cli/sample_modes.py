@@ -53,16 +53,30 @@ def inversion(denoiser: Denoiser, schedule: torch.nn.Module, sampler: Sampler, r
     return {"reconstruction_mse": float((recon - x0).pow(2).mean()), "steps": ddim.steps}
 
 
+def repeat_rows(cond: torch.Tensor | dict | None, rows: int, columns: int,
+                device: torch.device | str) -> torch.Tensor | dict | None:
+    """The conditions of the first `rows` images (class labels, or a dict of condition tensors
+    such as a text model's prompts), each repeated `columns` times, on `device`."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {key: value[:rows].repeat_interleave(columns, dim=0).to(device) if torch.is_tensor(value) else value
+                for key, value in cond.items()}
+    return cond[:rows].repeat_interleave(columns).to(device)
+
+
 def interpolation(denoiser: Denoiser, schedule: torch.nn.Module, sampler: Sampler, shape: tuple,
                   rows: int, columns: int, generator: torch.Generator, out: Path,
-                  cond: torch.Tensor | None = None, decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> None:
-    """Each row: DDIM (eta = 0) samples along a slerp between two noises."""
+                  cond: torch.Tensor | dict | None = None,
+                  decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> None:
+    """Each row: DDIM (eta = 0) samples along a slerp between two noises, under that row's
+    condition (class label or prompt) where the model has one."""
     ddim = deterministic_ddim(sampler)
     a = torch.randn((rows, *shape), generator=generator, device=schedule.device)
     b = torch.randn((rows, *shape), generator=generator, device=schedule.device)
     weights = torch.linspace(0, 1, columns)
     latents = torch.stack([slerp(a, b, float(w)) for w in weights], dim=1).flatten(0, 1)
-    labels = None if cond is None else cond[:rows].repeat_interleave(columns)
+    labels = repeat_rows(cond, rows, columns, schedule.device)
     images = decode(ddim.sample(denoiser, schedule, x_T=latents, cond=labels))
     save_grid(images, out / "interpolation.png", nrow=columns)
 

@@ -14,6 +14,9 @@ from typing import Any, Callable
 import torch
 
 Network = Callable[..., torch.Tensor]
+# The condition-dict key of a per-row drop mask that difflab.models.conditioning.Conditioner
+# reads (bool [B], True: that row unconditional). Written here too: diffusion imports no model.
+DROP_KEY = "_drop"
 
 # Dropped labels: the conditional network's last class-embedding row (index num_classes).
 def null_labels(num_classes: int, batch: int, device: torch.device | str) -> torch.Tensor:
@@ -33,11 +36,12 @@ def drop_labels(labels: torch.Tensor, num_classes: int, p_uncond: float,
 class ClassifierFreeGuidance:
     """`net(x, t, cond)` of a conditional network, guided with `scale`.
 
-    Class labels: one network call on a doubled batch (conditional and null labels) per
-    evaluation. A condition dict (a network with a conditioner, e.g. text; `dict_conditions`):
-    two calls, with the dict and with None, which drops every condition as condition
-    dropout did in training. With `cond=None` the wrapper returns the unconditional
-    prediction (nothing to guide).
+    One network call on a doubled batch per evaluation: class labels with the null labels, or
+    a condition dict (a network with a conditioner, e.g. text; `dict_conditions`) with its
+    second half marked dropped (`DROP_KEY`), which zeroes those rows' conditions as condition
+    dropout did in training. A dict holding anything but tensors is guided by two calls, with
+    the dict and with None. With `cond=None` the wrapper returns the unconditional prediction
+    (nothing to guide).
     """
 
     def __init__(self, net: Network, num_classes: int | None, scale: float, dict_conditions: bool = False) -> None:
@@ -52,11 +56,17 @@ class ClassifierFreeGuidance:
     def __call__(self, x: torch.Tensor, t: Any, cond: torch.Tensor | dict | None = None) -> torch.Tensor:
         if cond is None or self.scale == 1.0:
             return self.net(x, t, cond)
+        t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
         if isinstance(cond, dict):
-            unconditional = self.net(x, t, None)
             if self.scale == 0.0:
-                return unconditional
-            return unconditional + self.scale * (self.net(x, t, cond) - unconditional)
+                return self.net(x, t, None)
+            if not all(torch.is_tensor(value) for value in cond.values()):
+                unconditional = self.net(x, t, None)
+                return unconditional + self.scale * (self.net(x, t, cond) - unconditional)
+            both = {key: torch.cat([value, value]) for key, value in cond.items()}
+            both[DROP_KEY] = torch.arange(2 * x.shape[0], device=x.device) >= x.shape[0]
+            conditional, unconditional = self.net(torch.cat([x, x]), t2, both).chunk(2)
+            return unconditional + self.scale * (conditional - unconditional)
         if self.num_classes is None:
             raise ValueError("class labels were passed to a network guided on condition dicts")
         if torch.is_tensor(cond) and cond.shape[0] != x.shape[0]:
@@ -64,7 +74,6 @@ class ClassifierFreeGuidance:
         null = null_labels(self.num_classes, x.shape[0], x.device)
         if self.scale == 0.0:
             return self.net(x, t, null)
-        t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
         both = self.net(torch.cat([x, x]), t2, torch.cat([cond, null]))
         conditional, unconditional = both.chunk(2)
         return unconditional + self.scale * (conditional - unconditional)

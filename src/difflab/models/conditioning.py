@@ -15,7 +15,10 @@ condition-dropout rate ``p_drop`` and ``trainable`` flag, and returns parts rout
 The ``Conditioner`` concatenates the parts of each kind in embedder order. Dropped
 conditions (training only, per sample, probability ``p_drop``) become zeros, the
 embedding an unconditional model would see; ``drop_all=True`` drops every condition
-(the unconditional branch of guidance). Nothing here knows of diffusion.
+(the unconditional branch of guidance). A bool [B] tensor under the reserved key
+``DROP_KEY`` drops the conditions of the rows where it is True, at sampling too: guidance
+then runs its conditional and unconditional halves as one doubled batch. Nothing here knows
+of diffusion.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from torch import Tensor, nn
 from difflab.models.layers import sinusoidal_embedding
 
 KINDS = ("concat", "vector", "tokens")
+# The condition-dict key of a per-row drop mask (bool [B], True: that row unconditional).
+# difflab.diffusion.guidance writes the same string (diffusion imports nothing from models).
+DROP_KEY = "_drop"
 
 
 class ConditionError(ValueError):
@@ -156,6 +162,7 @@ class Conditioner(nn.Module):
             if sizes["tokens"]:  # one zero token: the same attention output as any all-zero sequence
                 parts["token_mask"] = torch.ones(batch, 1, dtype=torch.bool, device=like.device)
             return parts
+        drop = self._drop_rows(inputs.get(DROP_KEY), batch, like.device)
         missing = [key for key in self.input_keys if key not in inputs]
         if missing:
             raise ConditionError(f"the condition dict lacks {missing}; this model is conditioned on "
@@ -171,6 +178,8 @@ class Conditioner(nn.Module):
                                      f"are {tuple(like.shape[2:])}: concatenated conditions must match them")
             out = embedder.embed(value.to(like.device))
             keep = self._keep_mask(embedder, batch, value.device, generator)
+            if drop is not None:
+                keep = (~drop).float() if keep is None else keep * (~drop).to(keep.device).float()
             if "tokens" in out and "token_mask" not in out:  # every token is real
                 out["token_mask"] = torch.ones(out["tokens"].shape[:2], dtype=torch.bool, device=like.device)
             for kind, tensor in out.items():
@@ -179,6 +188,16 @@ class Conditioner(nn.Module):
                 parts[kind].append(tensor)
         dims = {"concat": 1, "vector": 1, "tokens": 1, "token_mask": 1}
         return {kind: torch.cat(tensors, dim=dims[kind]) for kind, tensors in parts.items() if tensors}
+
+    @staticmethod
+    def _drop_rows(drop: Any, batch: int, device: torch.device) -> Optional[Tensor]:
+        if drop is None:
+            return None
+        if not torch.is_tensor(drop) or drop.dtype != torch.bool or tuple(drop.shape) != (batch,):
+            raise ConditionError(f"condition {DROP_KEY!r} must be a bool tensor of shape [{batch}] (True: drop "
+                                 f"that row's conditions), got {getattr(drop, 'dtype', type(drop).__name__)} of "
+                                 f"shape {tuple(getattr(drop, 'shape', ()))}")
+        return drop.to(device)
 
     def _keep_mask(self, embedder: Embedder, batch: int, device: torch.device,
                    generator: Optional[torch.Generator]) -> Optional[Tensor]:
@@ -197,5 +216,5 @@ def vector_projection(vector_dim: int, embed_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(vector_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
 
 
-__all__ = ["KINDS", "ClassEmbedder", "ClassTokens", "ConditionError", "Conditioner", "Embedder", "ImageConcat",
+__all__ = ["DROP_KEY", "KINDS", "ClassEmbedder", "ClassTokens", "ConditionError", "Conditioner", "Embedder", "ImageConcat",
            "condition_batch", "vector_projection"]
