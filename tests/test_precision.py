@@ -108,6 +108,17 @@ def test_a_cache_from_another_machine_is_measured_again(tmp_path, caplog):
                      timer=fake_timer(SLOW_BF16)).source == "probe"
 
 
+def test_a_cache_written_by_an_older_probe_is_measured_again(tmp_path, caplog):
+    P.resolve("auto", "cpu", "auto", tiny_net(), SHAPE, cache_dir=tmp_path, timer=fake_timer(FAST_BF16))
+    path = next((tmp_path / "precision").glob("*.json"))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format": "difflab.precision/1"}))
+    with caplog.at_level(logging.INFO, logger="difflab.precision"):
+        decision = P.resolve("auto", "cpu", "auto", tiny_net(), SHAPE, cache_dir=tmp_path, timer=fake_timer(SLOW_BF16))
+    assert decision.source == "probe" and decision.precision == "32-true"
+    assert "another version of the probe (difflab.precision/1" in caplog.text and "another machine" not in caplog.text
+    assert json.loads(path.read_text())["format"] == P.CACHE_FORMAT
+
+
 def test_a_cache_of_another_network_is_not_used(tmp_path):
     P.resolve("auto", "cpu", "auto", tiny_net(), SHAPE, cache_dir=tmp_path, timer=fake_timer(FAST_BF16))
     other = UNet(in_channels=1, base_channels=16, channel_mults=(1, 2), attention_levels=(), num_groups=4)

@@ -272,7 +272,11 @@ def _read_cache(path: Path, here: dict[str, Any]) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         log.warning("precision probe cache %s is unreadable; measuring again", path)
         return {}
-    if record.get("format") != CACHE_FORMAT or record.get("machine") != here:
+    if record.get("format") != CACHE_FORMAT:
+        log.info("precision probe cache %s was written by another version of the probe (%s, now %s); measuring "
+                 "again", path, record.get("format"), CACHE_FORMAT)
+        return {}
+    if record.get("machine") != here:
         theirs = record.get("machine", {})
         log.info("precision probe cache %s was measured on another machine or torch (%s, %s threads, torch %s); "
                  "measuring again", path, theirs.get("cpu"), theirs.get("threads"), theirs.get("torch"))
