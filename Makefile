@@ -41,7 +41,7 @@ ablate-methods: $(STAMP)  ## the training methods (Min-SNR, rectified flow, EDM,
 bench: $(STAMP)  ## img/s, GFLOP/img and share of the matmul peak for difflab's U-Net and the two peers; gradient checkpointing
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
-latent-table: $(STAMP)  ## pixel vs autoencoder + latent diffusion at the default run's wall time and half of it (about 3x the default run: ~35 min)
+latent-table: $(STAMP)  ## pixel vs autoencoder + latent diffusion at the default run's wall time and half of it (about 3.3x the default run: 20-30 min)
 	$(BIN)/python benchmarks/latent_vs_pixel.py $(ARGS)
 
 ttq: $(STAMP)  ## time to quality: difflab's default recipe and the two peers, FID against wall time (~50 min)
