@@ -69,11 +69,16 @@ class AutocastNetwork(nn.Module):
         except AttributeError:
             return getattr(self._modules["net"], name)
 
-    def forward(self, x: torch.Tensor, t: Any, cond: Any = None) -> torch.Tensor:
-        if self.channels_last:
+    def setting(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.autocast]:
+        """`x` in this network's layout, and the autocast to run on it in."""
+        if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         device_type = x.device.type if x.device.type in ("cuda", "cpu") else "cpu"
-        with torch.autocast(device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+        return x, torch.autocast(device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+
+    def forward(self, x: torch.Tensor, t: Any, cond: Any = None) -> torch.Tensor:
+        x, autocast = self.setting(x)
+        with autocast:
             return self.net(x, t, cond)
 
 
@@ -89,10 +94,8 @@ def in_sampling_setting(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Modu
         return fn
 
     def run(latents: torch.Tensor) -> torch.Tensor:
-        if net.channels_last and latents.dim() == 4:
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        device_type = latents.device.type if latents.device.type in ("cuda", "cpu") else "cpu"
-        with torch.autocast(device_type, dtype=net.dtype or torch.bfloat16, enabled=net.dtype is not None):
+        latents, autocast = net.setting(latents)
+        with autocast:
             return fn(latents).float()
 
     return run

@@ -251,9 +251,7 @@ def _signature(net: nn.Module, shape: Sequence[int], probe_batch: int = PROBE_BA
     """The probe's cache key: the network's structure and parameter shapes, the input shape and
     the batch the probe runs at (the smaller of the two batches)."""
     text = repr(net) + repr([tuple(p.shape) for p in net.parameters()]) + repr(tuple(shape[1:]))
-    batch = min(int(shape[0]), probe_batch)
-    if batch != PROBE_BATCH:  # the training probe's keys stay what they were
-        text += f"batch={batch}"
+    text += f"batch={min(int(shape[0]), probe_batch)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
