@@ -167,12 +167,11 @@ def auto_choice() -> dict:
 
 
 def pick_device(name: str) -> str:
-    """cuda or cpu for --device; asking for cuda where there is none is an error that says so."""
+    """cuda or cpu for --device (auto as training resolves it: precision.device_kind); asking
+    for cuda where there is none is an error that says so."""
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda, but torch sees no CUDA GPU here; use --device cpu (or auto)")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return precision.device_kind(name)
 
 
 def gpu_name() -> dict:

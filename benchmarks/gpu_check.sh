@@ -38,19 +38,15 @@ if [ "$TRAINER" != cpu ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cu
 fi
 status=0
 step "precision: auto for the default network"
-"$PY" - <<'EOF' || status=1
+PYTHONPATH="benchmarks:$PYTHONPATH" "$PY" - <<'EOF' || status=1
 import torch
-from omegaconf import OmegaConf
-from difflab.models import UNet
-from difflab.training import precision
+import bench  # its default network (conf/train.yaml's model) and its auto_choice()
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}, "
       f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}, "
       f"{torch.get_num_threads()} CPU threads")
-config = OmegaConf.to_container(OmegaConf.load("conf/model/unet_mnist_patch.yaml"))
-config.pop("defaults", None)
-net = UNet(**config, in_channels=1, image_size=28)
-decision = precision.resolve("auto", "gpu" if torch.cuda.is_available() else "cpu", "auto", net, (32, 1, 28, 28))
-print(f"precision auto -> {decision.precision}, channels_last={decision.channels_last} ({decision.source})")
+bench.DEVICE = torch.device(bench.pick_device("auto"))
+choice = bench.auto_choice()
+print(f"precision auto for {bench.DEFAULT_MODEL} -> {choice['precision']}, channels_last={choice['channels_last']}")
 EOF
 
 step "difflab-train trainer=$TRAINER trainer.max_epochs=$EPOCHS trainer.budget_minutes=$BUDGET_MIN"
