@@ -94,7 +94,7 @@ def restoration_for(method: str, run_config: dict, knobs: dict, mode: str):
         if task_cfg is None:
             raise ValueError(f"method={method} needs a model trained for {kind} (experiment=mnist5k_"
                              f"{method}); this checkpoint is an unconditional model: use a training-free method "
-                             "(replacement, repaint, ddnm, ilvr) or train one.")
+                             "(replacement, repaint, ddnm, ilvr, guided) or train one.")
         task = instantiate(task_cfg)
         if task.kind != kind:
             raise ValueError(f"method={method} is {kind}, but this checkpoint was trained for {task.kind} "

@@ -372,6 +372,7 @@ class RestorationKnobs:
     ilvr_until: float = 1.0
     travel_length: int = 5
     travel_repeat: int = 1
+    reconstruction_weight: float = 1.0
 
     def validate_restoration(self) -> None:
         _check(self.jump_length >= 1, "jump_length", self.jump_length, "an integer >= 1")
@@ -379,6 +380,7 @@ class RestorationKnobs:
         _check(0.0 <= self.ilvr_until <= 1.0, "ilvr_until", self.ilvr_until, "a number in [0, 1]")
         _check(self.travel_length >= 1, "travel_length", self.travel_length, "an integer >= 1")
         _check(self.travel_repeat >= 1, "travel_repeat", self.travel_repeat, "an integer >= 1 (1: no time-travel)")
+        _check(self.reconstruction_weight > 0, "reconstruction_weight", self.reconstruction_weight, "a number > 0")
         _check(self.factor >= 1, "factor", self.factor, "an integer >= 1")
         _check(self.mask_white in ("hole", "keep"), "mask_white", self.mask_white, "hole or keep")
         _check(self.box is None or self.box >= 1, "box", self.box, "null or an integer >= 1")

@@ -25,6 +25,12 @@ being the data. Methods (implemented from the papers):
   fraction of the levels. With ``ilvr_until = 1`` this is the replacement update written
   for downsampling; the range lets the result drift from the reference (ILVR sec. 3.2).
 
+- ``guided`` (Ho et al. 2022, "Video diffusion models", sec. 3.1, "reconstruction guidance"):
+  replacement, plus the network's x_0 prediction moved down the gradient of its measurement
+  error ``||y - A(x_0)||^2`` with respect to x_t, weight ``reconstruction_weight``
+  (``ReconstructionGuidance``, a network wrapper like DDNM's, so every sampler gets it). Each
+  step runs the network forward and backward.
+
 Every method ends with ``operator.project(x, y)`` on the data level (ILVR only when its
 range reaches it), so known pixels come out bit-identical to the input and
 ``A(restored) = y`` up to rounding for downsampling.
@@ -52,7 +58,7 @@ from .samplers.karras import SigmaSampler
 from .schedule import NoiseSchedule
 from .sigma import SigmaDenoiser, t_to_sigma
 
-METHODS = ("replacement", "repaint", "ddnm", "ilvr")
+METHODS = ("replacement", "repaint", "ddnm", "ilvr", "guided")
 
 
 class RestorationError(ValueError):
@@ -61,8 +67,8 @@ class RestorationError(ValueError):
 
 # --------------------------------------------------------------------------- DDNM's projection
 
-class NullSpaceProjection:
-    """``net(x_t, t, cond)`` whose x_0 prediction is replaced by ``A^+ y + (I - A^+ A) x_0``.
+class _X0Edit:
+    """``net(x_t, t, cond)`` whose x_0 prediction is edited by ``edit`` before the sampler reads it.
 
     The output stays in the network's objective space (eps, x0, v, velocity or edm, on any path),
     converted through x_0 at the noise level of ``t`` (integer or fractional, via ``t_to_sigma``)
@@ -75,16 +81,56 @@ class NullSpaceProjection:
         self.net, self.schedule, self.objective = net, schedule, objective
         self.operator, self.y = operator, y
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        out = self.net(x, t, cond).to(x.dtype)
+    def _coefficients(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sigma = t_to_sigma(self.schedule, t).to(x.device, torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
         # Any path and output (parameterization): x is c_in x_sigma, x_0 = c_skip x_sigma + c_out F.
-        c_in, c_skip, c_out = (torch.as_tensor(c, dtype=torch.float64, device=x.device)
-                               for c in coefficients(self.schedule, self.objective, sigma))
+        return tuple(torch.as_tensor(c, dtype=torch.float64, device=x.device)
+                     for c in coefficients(self.schedule, self.objective, sigma))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        c_in, c_skip, c_out = self._coefficients(x, t)
+        x0, out = self.edit(x, t, cond, c_in, c_skip, c_out)
         x_sigma = x.double() / c_in
-        x0 = (c_skip * x_sigma + c_out * out.double()).to(x.dtype)
-        x0 = self.operator.project(x0, self.y.to(x.device, x.dtype)).double()
-        return ((x0 - c_skip * x_sigma) / c_out).to(x.dtype)
+        return ((x0.double() - c_skip * x_sigma) / c_out).to(out.dtype)
+
+    def edit(self, x: torch.Tensor, t: torch.Tensor, cond: Any, c_in: torch.Tensor, c_skip: torch.Tensor,
+             c_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the edited x_0 prediction, the network's raw output)."""
+        raise NotImplementedError
+
+
+class NullSpaceProjection(_X0Edit):
+    """DDNM: the x_0 prediction replaced by ``A^+ y + (I - A^+ A) x_0``."""
+
+    def edit(self, x, t, cond, c_in, c_skip, c_out):
+        out = self.net(x, t, cond).to(x.dtype)
+        x0 = (c_skip * (x.double() / c_in) + c_out * out.double()).to(x.dtype)
+        return self.operator.project(x0, self.y.to(x.device, x.dtype)), out
+
+
+class ReconstructionGuidance(_X0Edit):
+    """Reconstruction guidance (Ho et al. 2022, "Video diffusion models", eq. 7): the x_0
+    prediction moved down the gradient of its measurement error,
+    ``x0 <- x0 - (w / 2) alpha_t grad_{z_t} ||y - A(x0(z_t))||^2`` with ``z_t`` the VP variable
+    (``alpha_t = sqrt(alpha_bar)``). The network input is ``x = c_in x_sigma`` and
+    ``z_t = sqrt(alpha_bar) x_sigma``, so ``alpha_t grad_z = c_in grad_x``: one backward pass
+    through the network per call, whatever the path and output. The step conditions the whole
+    image on y through the network's Jacobian, which pasting known pixels (replacement) never does.
+    """
+
+    def __init__(self, net, schedule, objective, operator, y, weight: float) -> None:
+        super().__init__(net, schedule, objective, operator, y)
+        self.weight = weight
+
+    def edit(self, x, t, cond, c_in, c_skip, c_out):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            out = self.net(x_in, t, cond).to(x.dtype)
+            x0 = c_skip.to(x.dtype) * (x_in / c_in.to(x.dtype)) + c_out.to(x.dtype) * out
+            error = (self.operator.A(x0) - self.y.to(x.device, x.dtype)).pow(2).sum()
+            grad, = torch.autograd.grad(error, x_in)
+        x0 = x0.detach() - (0.5 * self.weight) * c_in.to(x.dtype) * grad
+        return x0, out.detach()
 
 
 # --------------------------------------------------------------------------- chains
@@ -184,7 +230,8 @@ class Restoration:
 
     ``jump_length`` and ``jump_n_sample`` are RePaint's, ``travel_length`` and
     ``travel_repeat`` DDNM's time-travel; 1 sample / repeat means no resampling. ``ilvr_until``: fraction of the levels,
-    from the noisiest, on which ILVR imposes the low-pass of y.
+    from the noisiest, on which ILVR imposes the low-pass of y. ``reconstruction_weight``: w of
+    reconstruction guidance (``guided``).
     """
 
     method: str = "repaint"
@@ -193,6 +240,7 @@ class Restoration:
     ilvr_until: float = 1.0
     travel_length: int = 5
     travel_repeat: int = 1
+    reconstruction_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -203,6 +251,8 @@ class Restoration:
                 raise RestorationError(f"{name}={value!r} must be an integer >= 1")
         if not 0.0 <= self.ilvr_until <= 1.0:
             raise RestorationError(f"ilvr_until={self.ilvr_until!r} must lie in [0, 1]")
+        if not (isinstance(self.reconstruction_weight, (int, float)) and self.reconstruction_weight > 0):
+            raise RestorationError(f"reconstruction_weight={self.reconstruction_weight!r} must be a number > 0")
 
     @property
     def jumps(self) -> tuple[str, int, str, int]:
@@ -242,8 +292,11 @@ class Restoration:
             raise RestorationError("method=ilvr is low-pass guidance for super-resolution (a Downsample operator); "
                                    "for masks use replacement, repaint or ddnm.")
         y = y.to(device)
-        if self.method == "ddnm":
-            net = NullSpaceProjection(denoiser.net, schedule, denoiser.objective, operator, y)
+        if self.method in ("ddnm", "guided"):
+            net = (NullSpaceProjection(denoiser.net, schedule, denoiser.objective, operator, y)
+                   if self.method == "ddnm" else
+                   ReconstructionGuidance(denoiser.net, schedule, denoiser.objective, operator, y,
+                                          self.reconstruction_weight))
             denoiser = Denoiser(net, schedule, denoiser.objective, denoiser.clip_range)
         chain = (_SigmaChain(sampler, denoiser, schedule) if isinstance(sampler, SigmaSampler)
                  else _DiscreteChain(sampler, denoiser, schedule))
@@ -262,7 +315,7 @@ class Restoration:
             if target == chain.n:
                 if self.method != "ilvr" or until == chain.n:
                     x = operator.project(x, y)
-            elif self.method in ("replacement", "repaint") or (self.method == "ilvr" and target <= until):
+            elif self.method in ("replacement", "repaint", "guided") or (self.method == "ilvr" and target <= until):
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x = operator.project(x, operator.A(chain.noised(known, target, z)))
         return x
