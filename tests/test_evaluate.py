@@ -304,7 +304,7 @@ def _evaluate_task(run, out, *overrides):
         evaluate(compose("eval", [f"ckpt={run / 'checkpoints' / 'ema.pt'}", f"paths.output_dir={out}", "n=16",
                                   "batch_size=16", "progress=false", "samplers=[ddpm]", "steps=[6]",
                                   "jump_length=2", "jump_n_sample=2", "diversity_inputs=2", "diversity_samples=3",
-                                  *overrides]))
+                                  "label_ceiling=false", *overrides]))
     return _rows(out / "results.csv")
 
 
@@ -324,6 +324,16 @@ def test_inpaint_task_scores_methods_beside_the_baselines(uncond_run, tmp_path):
         assert float(by[name]["agreement_any"]) >= float(by[name]["agreement_majority"])
     for name in ("results.md", "restoration_vs_nfe.png", "strips/repaint_ddpm_6.png", "strips/baseline_nearest.png"):
         assert (tmp_path / "inpaint" / name).is_file(), name
+
+
+def test_inpaint_task_reports_the_label_ceiling_of_the_known_pixels(uncond_run, tmp_path):
+    rows = _evaluate_task(uncond_run, tmp_path / "ceiling", "task=inpaint", "mask=center", "methods=[guided]",
+                          "baselines=false", "label_ceiling=true", "metrics.domain_steps=30")
+    assert [r["method"] for r in rows] == ["known pixels only: best guess (ceiling)",
+                                           "known pixels only: posterior draw (ceiling)", "guided"]
+    for row in rows[:2]:
+        assert 0.0 < float(row["label_agreement"]) <= 1.0 and row["fid"] == ""
+    assert int(rows[2]["nfe"]) == 6 and float(rows[2]["consistency_psnr"]) == math.inf
 
 
 def test_superres_task_is_consistent_for_ddnm(uncond_run, tmp_path):

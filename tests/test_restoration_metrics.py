@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from difflab.diffusion.degradation import Downsample, Inpaint, make_keep
-from difflab.metrics.restoration import baseline, diversity, psnr, restoration_scores, ssim
+from difflab.metrics.restoration import (
+    baseline,
+    calibrated_temperature,
+    diversity,
+    label_ceiling,
+    psnr,
+    restoration_scores,
+    ssim,
+)
 
 
 def images(n, seed, size=8):
@@ -49,3 +57,31 @@ def test_superres_baselines_and_scores():
     scores = restoration_scores(nearest, x, operator, y)
     assert scores["consistency_psnr"] > 100 and "psnr_hole" not in scores
     assert restoration_scores(bicubic, x, operator, y)["consistency_psnr"] < scores["consistency_psnr"]
+
+
+def test_calibrated_temperature_undoes_overconfidence():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 5, generator=generator, dtype=torch.float64) * 2
+    labels = torch.multinomial(logits.softmax(1), 1, generator=generator)[:, 0]  # drawn from softmax(logits)
+    assert calibrated_temperature(3 * logits, labels) == pytest.approx(3.0, rel=0.1)
+    assert calibrated_temperature(logits / 2, labels) == pytest.approx(0.5, rel=0.1)
+
+
+def blob_digits(n, seed):
+    """8x8 images whose label (0-3) is the row of one bright 2x2 blob in the left half, on noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=generator)
+    x = torch.rand(n, 1, 8, 8, generator=generator) * 0.2 - 1
+    for i, label in enumerate(labels.tolist()):
+        x[i, 0, 2 * label:2 * label + 2, 1:3] = 1.0
+    return x, labels
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_label_ceiling_is_high_when_the_label_is_known_and_chance_when_it_is_hidden():
+    train, train_labels = blob_digits(1000, 0)
+    val, val_labels = blob_digits(200, 1)
+    seen = label_ceiling(Inpaint(make_keep("right", 8)), train, train_labels, val, val_labels, 4, steps=60)
+    hidden = label_ceiling(Inpaint(make_keep("left", 8)), train, train_labels, val, val_labels, 4, steps=60)
+    assert seen["best_guess"] > 0.95 and seen["posterior"] > 0.9  # "right" is the hole: the blob is known
+    assert hidden["best_guess"] < 0.45 and hidden["posterior"] < 0.35  # chance is 0.25

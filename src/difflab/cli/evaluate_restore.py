@@ -34,6 +34,7 @@ from difflab.metrics.restoration import (
     SUPERRES_BASELINES,
     baseline,
     diversity,
+    label_ceiling,
     restoration_scores,
 )
 from difflab.training.callbacks import save_grid
@@ -124,6 +125,17 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
             rows.append(score(f"baseline_{name}", restored, time.perf_counter() - start,
                               {"method": f"{name} (baseline)", "sampler": None, "steps": None, "nfe": 0},
                               {"diversity": 0.0}))
+    if cfg.label_ceiling and evaluator.features(truth[:1]).logits is not None:
+        start = time.perf_counter()
+        train_labels = datamodule.split("train").labels
+        ceiling = label_ceiling(operator, train, train_labels, truth, labels, int(train_labels.max()) + 1,
+                                steps=cfg.metrics.domain_steps)
+        seconds = round(time.perf_counter() - start, 2)
+        log.info("label ceiling of the known pixels: best guess %.3f, posterior draw %.3f (temperature %.2f)",
+                 ceiling["best_guess"], ceiling["posterior"], ceiling["temperature"])
+        for kind, key in (("best guess", "best_guess"), ("posterior draw", "posterior")):
+            rows.append({"method": f"known pixels only: {kind} (ceiling)", "sampler": None, "steps": None,
+                         "nfe": 0, "n": n, "label_agreement": ceiling[key], "seconds": seconds})
     counters = {id(model): CallCounter(model[0].net) for model in models}
     k, m = cfg.diversity_samples, min(cfg.diversity_inputs, n)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]

@@ -476,6 +476,7 @@ class EvalConfig(RestorationKnobs):
     trained_ckpts: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["replacement", "repaint", "ddnm"])
     baselines: bool = True
+    label_ceiling: bool = True
     diversity_inputs: int = 8
     diversity_samples: int = 4
 

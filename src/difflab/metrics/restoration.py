@@ -8,6 +8,11 @@ Scores of restorations of the held-out images against their truth:
 - ``fid`` of the restorations against the training images (domain features);
 - ``diversity``: pixel std over several restorations of one input, averaged.
 
+``label_ceiling``: what the known pixels alone tell about the label, from a classifier of the
+domain classifier's architecture trained on degraded training images: its accuracy (the best
+single guess) and the mean probability it gives the true label (what a sampler of the
+posterior, whose restorations carry label c with probability p(c | y), agrees on).
+
 Baselines, the honest alternatives that use no diffusion model: ``zero`` fill, the mean
 training image in the hole (``mean``), the ``nearest`` training image on the known pixels
 (inpainting); ``nearest`` and ``bicubic`` upsampling (super-resolution).
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from difflab.diffusion.degradation import Downsample, Inpaint, Operator
+from difflab.metrics.domain import DomainClassifierConfig, train_domain_classifier
 
 INPAINT_BASELINES = ("zero", "mean", "nearest")
 SUPERRES_BASELINES = ("nearest", "bicubic")
@@ -89,3 +95,35 @@ def restoration_scores(restored: torch.Tensor, truth: torch.Tensor, operator: Op
         scores["psnr_hole"] = psnr(restored, truth, operator.hole)
     scores["consistency_psnr"] = psnr(operator.A(restored), y)
     return scores
+
+
+def calibrated_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The softmax temperature of least negative log-likelihood of ``labels`` (a grid search,
+    log-spaced over [0.25, 8]): one number that undoes a classifier's over- or under-confidence."""
+    grid = torch.logspace(math.log10(0.25), math.log10(8.0), 121, dtype=torch.float64)
+    nll = torch.stack([F.cross_entropy(logits.double() / t, labels) for t in grid])
+    return float(grid[nll.argmin()])
+
+
+def label_ceiling(operator: Operator, train_images: torch.Tensor, train_labels: torch.Tensor,
+                  images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                  steps: int = DomainClassifierConfig.steps) -> dict[str, float]:
+    """What the measurement alone says about the label of ``images`` (see the module docstring).
+
+    The classifier sees ``A^+ A x`` (the hole at 0, or the low-res image upsampled), trained
+    with the domain classifier's recipe but without random shifts, which would move the hole.
+    Its probabilities q are calibrated by one temperature fitted on ``images`` themselves;
+    ``posterior``, the mean of q(true label | y), estimates E_y sum_c p(c | y) q(c | y): where q is
+    the posterior, the label agreement of an exact posterior sampler judged by a perfect classifier. ``best_guess`` is the accuracy of the
+    classifier's argmax, the agreement of a restoration that always picks the likeliest reading.
+    """
+    seen = (lambda x: operator.A_pinv(operator.A(x)))
+    config = DomainClassifierConfig(max_shift=0, steps=steps)
+    model, accuracy = train_domain_classifier(seen(train_images), train_labels, seen(images), labels, num_classes,
+                                              config)
+    with torch.no_grad():
+        logits = model(seen(images)).double()
+    temperature = calibrated_temperature(logits, labels)
+    probs = (logits / temperature).softmax(1)
+    return {"best_guess": accuracy, "posterior": float(probs.gather(1, labels[:, None]).mean()),
+            "temperature": temperature}
