@@ -245,7 +245,7 @@ BAD_RESTORATION = [
     (("mode=inpaint", "method=ilvr"), "method=ilvr is low-pass guidance for super-resolution"),
     (("mode=inpaint", "method=sr3"), "method=sr3 is for superres; inpaint with a trained model is method=palette"),
     (("mode=superres", "method=sr3"), "method=sr3 needs a model trained for superres"),
-    (("mode=inpaint", "method=paint"), "method='paint' is not allowed: expected replacement, repaint, ddnm, ilvr, sr3"),
+    (("mode=inpaint", "method=paint"), "method='paint' is not allowed: expected replacement, repaint, ddnm, ilvr, guided, sr3"),
     (("mode=inpaint", "sampler=ddim", "sampler.steps=4", "jump_length=5"), "jump_length=5 must be smaller"),
     (("mode=inpaint", "jump_n_sample=0"), "jump_n_sample=0 is not allowed"),
     (("mode=superres", "factor=2", "input=WRONG_SIZE"), "the input images are 5x5 but this model makes 8x8"),

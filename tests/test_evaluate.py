@@ -423,7 +423,8 @@ def test_sampler_args_reach_every_sampler_and_are_checked(uncond_run, tmp_path):
     from difflab.cli.schema import ConfigError
 
     base = [f"ckpt={uncond_run / 'checkpoints' / 'ema.pt'}", "n=8", "batch_size=8", "progress=false",
-            "samplers=[ddim]", "steps=[3]", "task=inpaint", "methods=[ddnm]", "baselines=false", "diversity_inputs=0"]
+            "samplers=[ddim]", "steps=[3]", "task=inpaint", "methods=[ddnm]", "baselines=false", "diversity_inputs=0",
+            "label_ceiling=false"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         rows = evaluate(compose("eval", [*base, "+sampler_args.eta=0.85", f"paths.output_dir={tmp_path / 'a'}"]))
         assert [r["method"] for r in rows] == ["ddnm"]
