@@ -259,6 +259,21 @@ def test_processes_of_one_launch_agree_on_the_run_name(env, expected):
         assert name == expected
 
 
+def test_a_forked_process_names_its_runs_apart_from_its_parent():
+    """Two runs started in the same second by a process and its fork (a fork-based pool or
+    launcher) get different directories: the random part is drawn again in the child."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its run name and leave without running the parent's atexit
+        os.write(write, _hydra.run_name({}).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert child.rsplit("_", 1)[1] != _hydra.run_name({}).rsplit("_", 1)[1]
+
+
 def test_torchrun_processes_share_one_run_directory(tmp_path):
     """Under torchrun every process composes its own config; they must pick the same run
     directory (each process, not Lightning, decides it)."""

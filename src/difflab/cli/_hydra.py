@@ -37,6 +37,16 @@ def config_dir() -> str:
 _RUN_UID = secrets.token_hex(3)
 
 
+def _new_run_uid() -> None:
+    global _RUN_UID
+    _RUN_UID = secrets.token_hex(3)
+
+
+# A forked process (a fork-based launcher or pool) names its runs apart from its parent's.
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_new_run_uid)
+
+
 def launch_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """A name that every process of one multi-process launch computes alike, or None.
 
