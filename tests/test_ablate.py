@@ -5,7 +5,6 @@ a typo fails before anything trains."""
 import csv
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,13 +12,15 @@ import pytest
 from difflab.cli.ablate import mean_rows
 from difflab.metrics import report
 
+import warm_process
+
 
 def _ablate(*args, cwd):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "difflab.cli.ablate", 'base=["experiment=digits_tiny"]',
-                           'budget=["trainer.max_epochs=1"]', "eval.n=64", "eval.steps=10", "eval.grid_images=16",
-                           f"paths.root_dir={cwd}", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return warm_process.run([sys.executable, "-m", "difflab.cli.ablate", 'base=["experiment=digits_tiny"]',
+                             'budget=["trainer.max_epochs=1"]', "eval.n=64", "eval.steps=10", "eval.grid_images=16",
+                             f"paths.root_dir={cwd}", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=600)
 
 
 def _rows(path):

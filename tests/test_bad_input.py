@@ -6,13 +6,13 @@ they were."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from bad_input_cases import CASES, build_world, command
+import warm_process
 
 
 def _state(paths: dict[str, Path]) -> dict[str, tuple[int, str]]:
@@ -25,10 +25,10 @@ def _state(paths: dict[str, Path]) -> dict[str, tuple[int, str]]:
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-input")
     paths = build_world(root)
-    trained = subprocess.run([sys.executable, "-m", "difflab.cli.train", "experiment=digits_tiny",
-                              "trainer.max_epochs=1", "callbacks=minimal", f"hydra.run.dir={paths['earlier']}",
-                              f"paths.root_dir={root}"], cwd=root, capture_output=True, text=True, timeout=300,
-                             env=command(CASES[0], paths)[1])
+    trained = warm_process.run([sys.executable, "-m", "difflab.cli.train", "experiment=digits_tiny",
+                                "trainer.max_epochs=1", "callbacks=minimal", f"hydra.run.dir={paths['earlier']}",
+                                f"paths.root_dir={root}"], cwd=root, capture_output=True, text=True, timeout=300,
+                               env=command(CASES[0], paths)[1])
     assert trained.returncode == 0, trained.stderr[-3000:]
     (paths["cache"] / "reference-features.pt").write_bytes(b"a cache entry an earlier run wrote")
     return paths
@@ -57,8 +57,8 @@ def test_the_quick_cases_are_cases_of_every_cli():
 def test_bad_input_is_one_clear_message_and_touches_nothing(world, case):
     before = _state(world)
     cmd, env = command(case, world)
-    proc = subprocess.run(cmd, cwd=world["earlier"].parents[3], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = warm_process.run(cmd, cwd=world["earlier"].parents[3], env=env, capture_output=True, text=True,
+                            timeout=300)
     expect = case.expect.format(**{name: str(path) for name, path in world.items()})
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr[-3000:]

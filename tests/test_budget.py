@@ -5,7 +5,6 @@ import csv
 import json
 import logging
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -14,13 +13,15 @@ from lightning.pytorch.callbacks import Timer
 
 from difflab.training.budget import StepBudget
 
+import warm_process
+
 TINY = ["experiment=digits_tiny", "callbacks=minimal", "callbacks.progress_bar=null"]
 
 
 def _run(*args, cwd):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "difflab.cli.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return warm_process.run([sys.executable, "-m", "difflab.cli.train", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
 
 
 def _fake_trainer(step, seconds_left):

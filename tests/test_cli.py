@@ -2,7 +2,6 @@
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,13 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
+import warm_process
 
-def _run(module, *args, cwd):
+
+def _run(module, *args, cwd, fresh=False):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     if os.environ.get("PYTEST_XDIST_WORKER"):
         env["OMP_NUM_THREADS"] = "1"  # two xdist workers share two cores
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return warm_process.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600, fresh=fresh)
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +127,10 @@ def test_resume_from_another_model_names_the_differing_keys(trained_run, tmp_pat
 
 
 def test_default_experiment_runs_under_debug_fast(tmp_path):
-    """The default composition (mnist5k, unet_mnist, precision auto) runs two batches."""
+    """The default composition (mnist5k, unet_mnist, precision auto) runs two batches, in a fresh
+    process (the other CLI tests fork a warm one: tests/warm_process.py)."""
     proc = _run("difflab.cli.train", "debug=fast", f"hydra.run.dir={tmp_path / 'r'}", f"paths.root_dir={tmp_path}",
-                cwd=tmp_path)
+                cwd=tmp_path, fresh=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     header, *rows = (tmp_path / "r" / "csv" / "metrics.csv").read_text().splitlines()
     assert "val/loss" in header and rows

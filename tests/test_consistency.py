@@ -16,6 +16,8 @@ from difflab.diffusion.denoiser import Denoiser
 from difflab.diffusion.samplers import ConsistencySampler, build_sampler
 from difflab.diffusion.schedule import NoiseSchedule
 
+import warm_process
+
 S = 0.5  # the data std of the Gaussian tests (= the edm path's sigma_data)
 
 
@@ -182,8 +184,8 @@ def _run(module, *args, cwd):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return warm_process.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
 
 
 TINY = ["data=digits", "schedule=cosine", "objective=v", "density=uniform", "data.batch_size=64", "model=unet_tiny",

@@ -4,7 +4,6 @@ over a sampler x steps x guidance grid, its clear errors, and the callback's DDP
 import csv
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from PIL import Image
 
 from difflab.cli import _hydra
 from difflab.training.fid import FID
+
+import warm_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process evaluations, too
 
@@ -29,8 +30,8 @@ def _run(module, *args, cwd):
     # One thread always: 8x8 images gain nothing from intra-op threads, which only contend
     # on the two shared cores (with the other xdist worker, or anything else running).
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return warm_process.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
 
 
 def _rows(path):

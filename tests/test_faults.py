@@ -13,6 +13,8 @@ from difflab.metrics import cache
 from difflab.training.callbacks import EMA_FORMAT
 from difflab.training.checkpoint import CheckpointError, read_checkpoint
 
+import warm_process
+
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, damage):
@@ -110,9 +112,9 @@ def test_an_unwritable_run_directory_is_one_line_before_anything_starts(tmp_path
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    proc = subprocess.run([sys.executable, "-m", "difflab.cli.train", "experiment=digits_tiny",
-                           f"hydra.run.dir={blocker / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = warm_process.run([sys.executable, "-m", "difflab.cli.train", "experiment=digits_tiny",
+                             f"hydra.run.dir={blocker / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"cannot write the run directory {blocker / 'run'} (Not a directory): point hydra.run.dir" in proc.stderr
     assert blocker.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -13,13 +13,15 @@ import time
 import pytest
 import torch
 
+import warm_process
+
 RUN = ["experiment=digits_tiny", "trainer.max_epochs=1000", "callbacks.fid=null", "callbacks.sample_grid=null",
        "callbacks.progress_bar=null", "callbacks.last_checkpoint.every_n_epochs=1000"]
 
 
 def _start(args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "difflab.cli.train", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return warm_process.Popen([sys.executable, "-m", "difflab.cli.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("sig, name", [(signal.SIGTERM, "SIGTERM"),
@@ -42,8 +44,8 @@ def test_a_signal_checkpoints_and_resume_auto_goes_on(tmp_path, sig, name):
     assert step > 0 and f"step {step}" in stderr
 
     # The same command, resume=auto, a few more steps: it goes on from that step in the same directory.
-    done = subprocess.run([sys.executable, "-m", "difflab.cli.train", *args, "resume=auto",
-                           f"trainer.max_steps={step + 3}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = warm_process.run([sys.executable, "-m", "difflab.cli.train", *args, "resume=auto",
+                             f"trainer.max_steps={step + 3}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resume=auto: going on from" in (run / "train.log").read_text()
     result = json.loads((run / "result.json").read_text())
@@ -52,10 +54,10 @@ def test_a_signal_checkpoints_and_resume_auto_goes_on(tmp_path, sig, name):
 
 def test_resume_auto_starts_fresh_without_a_checkpoint(tmp_path):
     run = tmp_path / "fresh"
-    proc = subprocess.run([sys.executable, "-m", "difflab.cli.train", "experiment=digits_tiny", "trainer.max_epochs=1",
-                           "callbacks.fid=null", "callbacks.progress_bar=null", "resume=auto",
-                           f"hydra.run.dir={run}", f"paths.root_dir={tmp_path}"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ})
+    proc = warm_process.run([sys.executable, "-m", "difflab.cli.train", "experiment=digits_tiny", "trainer.max_epochs=1",
+                             "callbacks.fid=null", "callbacks.progress_bar=null", "resume=auto",
+                             f"hydra.run.dir={run}", f"paths.root_dir={tmp_path}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resume=auto: no" in (run / "train.log").read_text()
 
@@ -74,8 +76,8 @@ def test_slurm_requeue_signal_checkpoints_requeues_and_the_requeued_job_goes_on(
     run = tmp_path / "run"
     args = [*RUN, "trainer=slurm", "trainer.accelerator=cpu", "trainer.benchmark=null", f"hydra.run.dir={run}",
             f"paths.root_dir={tmp_path}"]
-    proc = subprocess.Popen([sys.executable, "-m", "difflab.cli.train", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = warm_process.Popen([sys.executable, "-m", "difflab.cli.train", *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run / "train.log"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (log.is_file() and "steps/s" in log.read_text()):
@@ -98,9 +100,9 @@ def test_slurm_requeue_signal_checkpoints_requeues_and_the_requeued_job_goes_on(
 
     # The requeued job: the same command and run directory, resume=auto.
     step = steps["last.ckpt"]
-    done = subprocess.run([sys.executable, "-m", "difflab.cli.train", *args, "resume=auto",
-                           f"trainer.max_steps={step + 3}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = warm_process.run([sys.executable, "-m", "difflab.cli.train", *args, "resume=auto",
+                             f"trainer.max_steps={step + 3}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resume=auto: going on from {run / 'checkpoints' / 'last.ckpt'}" in log.read_text()
     assert json.loads((run / "result.json").read_text())["steps"] == step + 3

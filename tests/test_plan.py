@@ -4,7 +4,6 @@ settings that cannot work."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,8 @@ from difflab.cli import _hydra, schema, train
 from difflab.training import plan as plan_module
 from difflab.training.lr import LRShape, lr_factor
 from difflab.training.plan import STEP_FRACTION, TimeBudget, plan_epochs
+
+import warm_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # 25 steps of 64 per epoch; the decision (step 35) falls inside a 40-step warm-up.
@@ -109,9 +110,9 @@ def test_the_budget_refuses_a_non_positive_length():
 def test_result_json_of_a_real_run_holds_the_plan(tmp_path):
     """The default trainer's budget on a run that fits: the plan is recorded in result.json."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "difflab.cli.train", *TINY, "trainer.max_epochs=2",
-                           "trainer.budget_minutes=30", f"hydra.run.dir={run_dir}", f"paths.root_dir={tmp_path}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = warm_process.run([sys.executable, "-m", "difflab.cli.train", *TINY, "trainer.max_epochs=2",
+                             "trainer.budget_minutes=30", f"hydra.run.dir={run_dir}", f"paths.root_dir={tmp_path}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "ok" and result["plan"]["budget_minutes"] == 30

@@ -2,7 +2,6 @@
 callback's snapshots and difflab-ema-sweep end to end."""
 
 import csv
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,8 @@ import torch
 from difflab.training.ema import EMA
 from difflab.training.posthoc_ema import (gamma_to_std, posthoc_coefficients, power_beta, read_snapshots,
                                           reconstruct, std_to_gamma)
+
+import warm_process
 
 
 def test_std_and_gamma_are_inverse_and_match_edm2():
@@ -74,8 +75,8 @@ def test_power_ema_callback_decays_as_edm2():
 
 
 def _run(module, *args, cwd):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return warm_process.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
 
 
 def test_callback_writes_evenly_spaced_snapshots_of_each_length(tmp_path):

@@ -11,6 +11,8 @@ import torch
 from difflab.models import UNet
 from difflab.training import precision as P
 
+import warm_process
+
 SHAPE = (64, 1, 8, 8)
 REAL_MATMUL_GAIN = P.matmul_gain
 
@@ -203,9 +205,9 @@ def test_the_cli_rejects_an_unknown_precision_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "difflab.cli.train", "trainer.precision=fp8",
-                           f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "0"}, timeout=300)
+    proc = warm_process.run([sys.executable, "-m", "difflab.cli.train", "trainer.precision=fp8",
+                             f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0"}, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "difflab-train: trainer.precision='fp8' is not a precision difflab knows; allowed: auto, 32-true" \
         in proc.stderr

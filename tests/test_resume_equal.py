@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import warm_process
+
 TESTS = Path(__file__).parent
 EPOCHS = 3
 RUN = ["experiment=digits_tiny", f"trainer.max_epochs={EPOCHS}", "data.hflip=true", "data.eval_batch_size=40",
@@ -41,10 +43,10 @@ POINTS = {
 
 def _train(run: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "difflab.cli.train", *RUN, f"hydra.run.dir={run}",
-                           f"paths.root_dir={root}", f"paths.cache_dir={root / 'cache'}",
-                           f"+callbacks.signal_at.order_file={run / 'order.jsonl'}", *extra],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    return warm_process.run([sys.executable, "-m", "difflab.cli.train", *RUN, f"hydra.run.dir={run}",
+                             f"paths.root_dir={root}", f"paths.cache_dir={root / 'cache'}",
+                             f"+callbacks.signal_at.order_file={run / 'order.jsonl'}", *extra],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 
 from difflab.cli import _hydra
+
+import warm_process
 
 _hydra.setup()
 CONF = Path(_hydra.config_dir())
@@ -29,8 +30,8 @@ def _compose(overrides):
 
 def _run(*args, cwd):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "difflab.cli.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return warm_process.run([sys.executable, "-m", "difflab.cli.train", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
 
 
 def test_default_has_no_search_and_reports_val_loss():

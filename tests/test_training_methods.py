@@ -2,7 +2,6 @@
 measured, samples with every sampler family, and bad settings stop at composition."""
 
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -10,10 +9,12 @@ import pytest
 import torch
 import yaml
 
+import warm_process
+
 
 def _run(module, *args, cwd):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return warm_process.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
 
 
 @pytest.mark.parametrize("recipe", [
