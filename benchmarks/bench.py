@@ -183,10 +183,15 @@ def gpu_name() -> dict:
 
 # -- timing one model in every setting --------------------------------------------------
 def _forward(fwd, channels_last: bool, bf16_eval: bool):
+    """`fwd` with the input in the layout, under bf16 autocast when `bf16_eval` (denoising).
+    Without it no autocast context is entered at all: an `autocast(enabled=False)` here would
+    switch off the training step's own bf16 autocast and time a bf16 setting in fp32."""
     def forward(model, x, t):
         if channels_last:
             x = x.contiguous(memory_format=CL)
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16_eval):
+        if not bf16_eval:
+            return fwd(model, x, t)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             return fwd(model, x, t)
 
     return forward
@@ -227,7 +232,7 @@ def bench_model(protocol, build, rough_bf16: bool) -> dict:
         name = f"{dtype}/{layout}"
         saved = protocol.ITERS, protocol.WARMUP
         if dtype == "bf16" and rough_bf16:  # bf16 far slower than fp32 here: one timed step is enough
-            protocol.ITERS, protocol.WARMUP = 1, 1
+            protocol.ITERS, protocol.WARMUP = 1, 0  # a step of seconds: set-up costs are lost in it
         try:
             model, fwd = build()
             if layout == "channels_last":
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["notes"].append(f"on {DEVICE.type}: every model, the peers' U-Nets too, timed by the local "
                             "stand-in of the peer protocol (the peer script's functions run on the CPU only)")
     if rough_bf16:
-        out["notes"].append("bf16 matmul is slower than half of fp32 here: bf16 settings timed over one step")
+        out["notes"].append("bf16 matmul is slower than half of fp32 here: bf16 settings timed over one step, without warm-up")
 
     def ours(config):
         def build():

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,25 @@ def test_bench_reports_every_setting_the_peaks_and_keeps_its_json(bench, tmp_pat
     assert out["auto"]["precision"] in ("32-true", "bf16-mixed") and out["machine"]["threads"] >= 1
     kept = list((tmp_path / "kept").glob("bench-*.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["models"].keys() == out["models"].keys()
+
+
+def test_a_bf16_training_setting_runs_the_network_under_bf16_autocast(bench):
+    # The forward wrapper of training must leave the step's autocast on (an earlier wrapper
+    # entered autocast(enabled=False) and timed every bf16 training setting in fp32).
+    seen = []
+
+    def fwd(model, x, t):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return model(x, t)
+
+    model = bench.UNet(**bench.PEER_CONFIG)
+    for bf16 in (True, False):
+        bench.local_protocol().train_rate(model, bench._forward(fwd, True, False), bf16=bf16)
+        assert set(seen) == {bf16}
+        seen.clear()
+    with torch.no_grad():
+        bench._forward(fwd, False, True)(model, torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
+    assert seen == [True]
 
 
 def test_gradient_checkpointing_is_timed_and_keeps_fewer_activations(bench):
