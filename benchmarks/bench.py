@@ -40,8 +40,11 @@ from types import ModuleType, SimpleNamespace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from difflab.models import UNet
-from difflab.training import precision
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_profile import convolution_share  # noqa: E402
+
+from difflab.models import UNet  # noqa: E402
+from difflab.training import precision  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PEER = REPO_ROOT.parent / "shared" / "peer_bench.py"
@@ -266,6 +269,25 @@ def peak_fraction(result: dict, peaks: dict) -> None:
         best["fraction_of_matmul_peak"] = gflops / max(precision_peak, peaks["fp32"])
 
 
+def profile_steps(protocol, builders: dict, out: dict, peaks: dict) -> dict:
+    """Each named model's training step at its fastest setting, profiled on the CPU: the share
+    of the step inside convolutions and their rate (step_profile.py)."""
+    profiled = {}
+    for name, build in builders.items():
+        setting = out["models"][name]["best_train"]["setting"]
+        dtype, layout = setting.split("/")
+        model, fwd = build()
+        x = torch.randn(protocol.BATCH, *protocol.SHAPE)
+        t = torch.randint(0, 1000, (protocol.BATCH,))
+        if layout == "channels_last":
+            model = model.to(memory_format=CL)
+        share = convolution_share(model, _forward(fwd, layout == "channels_last", False), x, t, bf16=dtype == "bf16")
+        peak = max(peaks[dtype], peaks["fp32"])  # as peak_fraction: emulated bf16 against fp32
+        profiled[name] = {"setting": setting, **share,
+                          "convolution_fraction_of_matmul_peak": share["convolution_gflop_s"] / peak}
+    return profiled
+
+
 # -- gradient checkpointing: speed and peak memory --------------------------------------
 def saved_activation_mb(model, x: torch.Tensor, t: torch.Tensor, bf16: bool) -> float:
     """Megabytes of tensors autograd keeps for the backward pass of one forward: the memory a
@@ -392,6 +414,11 @@ def main(argv: list[str] | None = None) -> dict:
         default = out["models"][f"difflab {DEFAULT_MODEL}"]
         out["default_speedup_vs_diffusers"] = {
             kind: default[f"best_{kind}"]["img_s"] / theirs[f"best_{kind}"]["img_s"] for kind in ("train", "denoise")}
+    if DEVICE.type == "cpu":
+        builders = {"difflab (peer config)": ours(PEER_CONFIG)}
+        if "diffusers" in out["models"]:
+            builders["diffusers"] = peer.diffusers_unet
+        out["step_profile"] = profile_steps(protocol, builders, out, peaks)
     out["gradient_checkpointing"] = bench_checkpointing(protocol, bf16=out["auto"]["precision"] != "32-true")
     if args.compile:
         out["compiled"] = bench_compiled(protocol, bf16=out["auto"]["precision"] != "32-true")
@@ -416,6 +443,11 @@ def main(argv: list[str] | None = None) -> dict:
         d = out["default_speedup_vs_diffusers"]
         print(f"difflab's default network ({DEFAULT_MODEL}) vs diffusers: train {d['train']:.2f}x, "
               f"denoise {d['denoise']:.2f}x", file=sys.stderr)
+    for name, p in out.get("step_profile", {}).items():
+        print(f"{name} training step ({p['setting']}): {p['convolution_share']:.0%} of its {p['step_s'] * 1e3:.0f} ms "
+              f"in convolutions ({p['convolution_flop_share']:.0%} of its FLOPs), which run at "
+              f"{p['convolution_gflop_s']:.0f} GFLOP/s = {p['convolution_fraction_of_matmul_peak']:.0%} of the matmul "
+              "peak: the most a step of this model could reach here", file=sys.stderr)
     g = out["gradient_checkpointing"]
     print(f"gradient checkpointing ({g['precision']}, peer config, batch {protocol.BATCH}): train "
           f"{g['plain_train_img_s']:.1f} -> {g['checkpointing_train_img_s']:.1f} img/s ({g['speed_cost']:.0%} slower); "

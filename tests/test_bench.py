@@ -40,6 +40,10 @@ def test_bench_reports_every_setting_the_peaks_and_keeps_its_json(bench, tmp_pat
         expected = best["img_s"] * result["train_gflop_per_img"] / 100.0
         assert best["fraction_of_matmul_peak"] == pytest.approx(expected)
         assert result["denoise_gflop_per_img"] < result["train_gflop_per_img"]  # no backward
+    profiled = out["step_profile"]["difflab (peer config)"]
+    assert profiled["setting"] == out["models"]["difflab (peer config)"]["best_train"]["setting"]
+    assert 0 < profiled["convolution_s"] < profiled["step_s"] and 0 < profiled["convolution_share"] < 1
+    assert 0.5 < profiled["convolution_flop_share"] < 1 and profiled["convolution_gflop_s"] > 0
     assert out["auto"]["precision"] in ("32-true", "bf16-mixed") and out["machine"]["threads"] >= 1
     kept = list((tmp_path / "kept").glob("bench-*.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["models"].keys() == out["models"].keys()
