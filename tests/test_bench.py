@@ -68,6 +68,31 @@ def test_a_bf16_training_setting_runs_the_network_under_bf16_autocast(bench):
     assert seen == [True]
 
 
+def test_head_to_head_interleaves_the_models_and_keeps_each_best(bench, monkeypatch):
+    calls = []
+    slow_moment = {("a", "train", 1): 10.0}  # a load slows model a's training in round 1 only
+
+    def time_setting(protocol, build, setting, kind):
+        calls.append((build.name, kind, setting))
+        round_ = sum(1 for c in calls if c[:2] == (build.name, kind)) - 1
+        return slow_moment.get((build.name, kind, round_), 100.0 if build.name == "a" else 50.0) + round_
+
+    def named(name):
+        def build():
+            raise AssertionError("time_setting is faked")
+        build.name = name
+        return build
+
+    monkeypatch.setattr(bench, "time_setting", time_setting)
+    monkeypatch.setattr(bench, "on_device", lambda build: build)
+    out = {"models": {name: {"best_train": {"setting": "fp32/channels_last"},
+                             "best_denoise": {"setting": "bf16/contiguous"}} for name in ("a", "b")}}
+    best = bench.head_to_head(None, {"a": named("a"), "b": named("b")}, out, rounds=3)
+    assert [c[:2] for c in calls[:4]] == [("a", "train"), ("a", "denoise"), ("b", "train"), ("b", "denoise")]
+    assert len(calls) == 12 and {c[2] for c in calls if c[1] == "denoise"} == {"bf16/contiguous"}
+    assert best == {"a": {"train": 102.0, "denoise": 102.0}, "b": {"train": 52.0, "denoise": 52.0}}
+
+
 def test_gradient_checkpointing_is_timed_and_keeps_fewer_activations(bench):
     result = bench.bench_checkpointing(bench.local_protocol(), bf16=False)
     assert result["plain_train_img_s"] > 0 and result["checkpointing_train_img_s"] > 0
