@@ -372,7 +372,7 @@ class RestorationKnobs:
     ilvr_until: float = 1.0
     travel_length: int = 5
     travel_repeat: int = 1
-    reconstruction_weight: float = 1.0
+    reconstruction_weight: float = 8.0
 
     def validate_restoration(self) -> None:
         _check(self.jump_length >= 1, "jump_length", self.jump_length, "an integer >= 1")

@@ -240,7 +240,7 @@ class Restoration:
     ilvr_until: float = 1.0
     travel_length: int = 5
     travel_repeat: int = 1
-    reconstruction_weight: float = 1.0
+    reconstruction_weight: float = 8.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -124,7 +124,7 @@ METHOD_SETTINGS = {
     "repaint (j5, r5)": Restoration("repaint", jump_length=5, jump_n_sample=5),
     "ddnm": Restoration("ddnm"),
     "ddnm (travel 5, r5)": Restoration("ddnm", travel_length=5, travel_repeat=5),
-    "guided (w 1)": Restoration("guided", reconstruction_weight=1.0),
+    "guided (w 8)": Restoration("guided", reconstruction_weight=8.0),
 }
 
 
