@@ -221,17 +221,26 @@ def on_device(build):
     return moved
 
 
-def time_setting(protocol, build, setting: str, kind: str) -> float:
-    """img/s of a fresh model from `build()` in `setting` ("fp32/channels_last", ...), for
-    `kind` "train" (the protocol's training step) or "denoise" (a forward without gradients)."""
+def in_setting(build, setting: str, kind: str):
+    """(a fresh model from `build()` in `setting`'s layout, its forward for `kind`, whether the
+    setting is bf16). Training's forward enters no autocast: the step's own bf16 autocast
+    covers it; denoising's runs under bf16 autocast itself."""
     dtype, layout = setting.split("/")
     model, fwd = build()
     if layout == "channels_last":
         model = model.to(memory_format=CL)
+    bf16 = dtype == "bf16"
+    return model, _forward(fwd, layout == "channels_last", bf16 and kind == "denoise"), bf16
+
+
+def time_setting(protocol, build, setting: str, kind: str) -> float:
+    """img/s of a fresh model from `build()` in `setting` ("fp32/channels_last", ...), for
+    `kind` "train" (the protocol's training step) or "denoise" (a forward without gradients)."""
+    model, forward, bf16 = in_setting(build, setting, kind)
     if kind == "train":
-        return protocol.train_rate(model, _forward(fwd, layout == "channels_last", False), bf16=dtype == "bf16")
+        return protocol.train_rate(model, forward, bf16=bf16)
     model.eval()
-    return protocol.eval_rate(model, _forward(fwd, layout == "channels_last", dtype == "bf16"))
+    return protocol.eval_rate(model, forward)
 
 
 def head_to_head(protocol, builders: dict, out: dict, rounds: int) -> dict:
@@ -296,14 +305,11 @@ def profile_steps(protocol, builders: dict, out: dict, peaks: dict) -> dict:
     profiled = {}
     for name, build in builders.items():
         setting = out["models"][name]["best_train"]["setting"]
-        dtype, layout = setting.split("/")
-        model, fwd = build()
+        model, forward, bf16 = in_setting(build, setting, "train")
         x = torch.randn(protocol.BATCH, *protocol.SHAPE)
         t = torch.randint(0, 1000, (protocol.BATCH,))
-        if layout == "channels_last":
-            model = model.to(memory_format=CL)
-        share = convolution_share(model, _forward(fwd, layout == "channels_last", False), x, t, bf16=dtype == "bf16")
-        peak = max(peaks[dtype], peaks["fp32"])  # as peak_fraction: emulated bf16 against fp32
+        share = convolution_share(model, forward, x, t, bf16=bf16)
+        peak = max(peaks["bf16" if bf16 else "fp32"], peaks["fp32"])  # as peak_fraction: emulated bf16 against fp32
         profiled[name] = {"setting": setting, **share,
                           "convolution_fraction_of_matmul_peak": share["convolution_gflop_s"] / peak}
     return profiled
