@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,11 +119,9 @@ class Popen:
             os.kill(self.pid, sig)
 
     def terminate(self) -> None:
-        import signal
         self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        import signal
         self.send_signal(signal.SIGKILL)
 
 

@@ -87,7 +87,8 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
     n = min(cfg.n, len(val.images))
     truth, labels = val.images[:n], val.labels[:n]
     y = operator.A(truth)
-    train = datamodule.split("train").images
+    train_split = datamodule.split("train")
+    train = train_split.images
     shape = tuple(truth.shape[1:])
     num_classes = run_config["model"].get("num_classes")
     out = Path(cfg.paths.output_dir)
@@ -125,10 +126,9 @@ def evaluate_restoration(cfg: DictConfig, denoiser: Denoiser, schedule: torch.nn
             rows.append(score(f"baseline_{name}", restored, time.perf_counter() - start,
                               {"method": f"{name} (baseline)", "sampler": None, "steps": None, "nfe": 0},
                               {"diversity": 0.0}))
-    if cfg.label_ceiling and evaluator.features(truth[:1]).logits is not None:
+    if cfg.label_ceiling and evaluator.num_classes is not None:  # a domain classifier: labels to agree with
         start = time.perf_counter()
-        train_labels = datamodule.split("train").labels
-        ceiling = label_ceiling(operator, train, train_labels, truth, labels, int(train_labels.max()) + 1,
+        ceiling = label_ceiling(operator, train, train_split.labels, truth, labels, evaluator.num_classes,
                                 steps=cfg.metrics.domain_steps)
         seconds = round(time.perf_counter() - start, 2)
         log.info("label ceiling of the known pixels: best guess %.3f, posterior draw %.3f (temperature %.2f)",

@@ -292,11 +292,12 @@ class Restoration:
             raise RestorationError("method=ilvr is low-pass guidance for super-resolution (a Downsample operator); "
                                    "for masks use replacement, repaint or ddnm.")
         y = y.to(device)
-        if self.method in ("ddnm", "guided"):
-            net = (NullSpaceProjection(denoiser.net, schedule, denoiser.objective, operator, y)
-                   if self.method == "ddnm" else
-                   ReconstructionGuidance(denoiser.net, schedule, denoiser.objective, operator, y,
-                                          self.reconstruction_weight))
+        if self.method == "ddnm":
+            net = NullSpaceProjection(denoiser.net, schedule, denoiser.objective, operator, y)
+            denoiser = Denoiser(net, schedule, denoiser.objective, denoiser.clip_range)
+        elif self.method == "guided":
+            net = ReconstructionGuidance(denoiser.net, schedule, denoiser.objective, operator, y,
+                                         self.reconstruction_weight)
             denoiser = Denoiser(net, schedule, denoiser.objective, denoiser.clip_range)
         chain = (_SigmaChain(sampler, denoiser, schedule) if isinstance(sampler, SigmaSampler)
                  else _DiscreteChain(sampler, denoiser, schedule))

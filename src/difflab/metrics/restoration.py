@@ -117,12 +117,11 @@ def label_ceiling(operator: Operator, train_images: torch.Tensor, train_labels: 
     the posterior, the label agreement of an exact posterior sampler judged by a perfect classifier. ``best_guess`` is the accuracy of the
     classifier's argmax, the agreement of a restoration that always picks the likeliest reading.
     """
-    seen = (lambda x: operator.A_pinv(operator.A(x)))
+    seen_train, seen = (operator.A_pinv(operator.A(x)) for x in (train_images, images))
     config = DomainClassifierConfig(max_shift=0, steps=steps)
-    model, accuracy = train_domain_classifier(seen(train_images), train_labels, seen(images), labels, num_classes,
-                                              config)
+    model, accuracy = train_domain_classifier(seen_train, train_labels, seen, labels, num_classes, config)
     with torch.no_grad():
-        logits = model(seen(images)).double()
+        logits = model(seen).double()
     temperature = calibrated_temperature(logits, labels)
     probs = (logits / temperature).softmax(1)
     return {"best_guess": accuracy, "posterior": float(probs.gather(1, labels[:, None]).mean()),
